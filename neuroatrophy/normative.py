@@ -307,13 +307,16 @@ class NormativeModel:
         return pd.DataFrame(out)
 
     # ---------------------------------------------------------------- transfer
-    def adapt(self, Y, covariates: pd.DataFrame, prior_sites: float = 5.0) -> "NormativeModel":
+    def adapt(self, Y, covariates: pd.DataFrame, prior_sites: float = 10.0) -> "NormativeModel":
         """Adapt the model to new site(s) from a small set of their controls.
 
         The fitted model is kept; each new site gets an offset of the mean and a
         scale of the noise, estimated per response by empirical Bayes: the offset's
-        prior is the spread of the training sites' effects, and the noise scale is
-        shrunk towards 1 with ``prior_sites`` pseudo-subjects. Returns a new model;
+        prior variance is the larger of the spread of the training sites' effects and
+        the new site's own offsets pooled across responses (so a site unlike the
+        training sites is not shrunk towards them), and the noise scale is shrunk
+        towards the site's median scale across responses with ``prior_sites``
+        pseudo-subjects. Returns a new model;
         this one is unchanged.
         """
         import copy
@@ -338,10 +341,13 @@ class NormativeModel:
             mu, sd = self._predict_average_site(cov_site)
             resid = self._to_warped(Y[idx], slice(None)) - mu
             precision = 1.0 / sd**2
-            offset_var = 1.0 / (1.0 / tau2 + precision.sum(axis=0))
+            prior_var = np.maximum(tau2, _pooled_offset_variance(resid, precision))
+            offset_var = 1.0 / (1.0 / prior_var + precision.sum(axis=0))
             offset = offset_var * (resid * precision).sum(axis=0)
             scaled = ((resid - offset) ** 2 * precision).sum(axis=0)
-            scale2 = (scaled + prior_sites) / (len(idx) + prior_sites)
+            # Shrink each response's noise scale towards the site's pooled scale.
+            pooled = float(np.median(scaled / len(idx)))
+            scale2 = (scaled + prior_sites * pooled) / (len(idx) + prior_sites)
             adapted.adapted_sites_[str(site)] = {
                 "offset": offset, "offset_var": offset_var, "scale": np.sqrt(scale2), "n": len(idx),
             }
@@ -752,6 +758,13 @@ def _as_response_matrix(Y, name, n_rows, covariates, n_columns=None) -> np.ndarr
             f"{', ...' if len(subjects) > 5 else ''}"
         )
     return Y
+
+
+def _pooled_offset_variance(resid, precision) -> float:
+    """Method-of-moments variance of a new site's offsets, pooled across responses."""
+    weight = precision.sum(axis=0)
+    raw = (resid * precision).sum(axis=0) / weight        # per-response offset estimate
+    return float(max(np.mean(raw**2 - 1.0 / weight), 0.0))
 
 
 def _warn_small_sites(covariates):

@@ -1,0 +1,318 @@
+"""The ``neuroatrophy`` command: every analysis, headless.
+
+Examples
+--------
+Fit a normative model on the controls of a cohort table (20 % held out to report fit quality)::
+
+    neuroatrophy fit --cohort cohort.csv --subjects-dir subjects --out model.npz
+
+Map the patients' atrophy::
+
+    neuroatrophy map --model model.npz --cohort cohort.csv --subjects-dir subjects --out maps
+
+With ``--progress json`` every command prints one JSON object per line on stdout,
+``{"progress": 0.42, "message": "..."}``, and on failure ``{"error": "..."}`` with
+exit code 2: this is how Slicer runs long jobs in a subprocess (:mod:`neuroatrophy.jobs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+
+__all__ = ["main", "build_parser"]
+
+
+class _Reporter:
+    """Progress and messages, as text or as JSON lines."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def progress(self, fraction: float, message: str) -> None:
+        if self.mode == "json":
+            print(json.dumps({"progress": round(float(fraction), 4), "message": message}), flush=True)
+        elif self.mode == "text":
+            print(f"[{100 * fraction:5.1f} %] {message}", flush=True)
+
+    def info(self, message: str) -> None:
+        if self.mode == "json":
+            print(json.dumps({"message": message}), flush=True)
+        elif self.mode != "none":
+            print(message, flush=True)
+
+    def error(self, message: str) -> None:
+        if self.mode == "json":
+            print(json.dumps({"error": message}), flush=True)
+        print(f"neuroatrophy: error: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- commands
+def _load_cohort(args, reporter, part: str | None):
+    from .cohort import read_cohort, split_groups
+    from .io import load_cohort_surface_data
+
+    cohort = read_cohort(args.cohort)
+    if part is not None and "group" in cohort.columns:
+        controls, patients = split_groups(cohort)
+        cohort = controls if part == "controls" else patients
+    if getattr(args, "subject", None):
+        wanted = [str(s) for s in args.subject]
+        missing = sorted(set(wanted) - set(cohort["subject_id"]))
+        if missing:
+            raise ValueError(f"subject(s) {missing} not found in cohort table {args.cohort}")
+        cohort = cohort[cohort["subject_id"].isin(wanted)]
+    if cohort.empty:
+        raise ValueError(f"cohort table {args.cohort} has no {part or 'subjects'} to process")
+    reporter.info(f"reading {args.measure} of {len(cohort)} subjects")
+    Y = load_cohort_surface_data(cohort, args.subjects_dir, template=args.template, measure=args.measure)
+    return cohort.reset_index(drop=True), Y
+
+
+def cmd_fit(args, reporter) -> int:
+    from .thickness_model import CorticalThicknessModel
+
+    _check_output_folder(args.out)
+    cohort, Y = _load_cohort(args, reporter, "controls")
+    train, test = _holdout_split(len(cohort), args.holdout, args.seed)
+    model = CorticalThicknessModel(heteroskedastic=args.heteroskedastic, warp=args.warp, n_knots=args.n_knots,
+                                   template=args.template, n_jobs=args.n_jobs)
+    reporter.info(f"fitting on {len(train)} controls, {len(test)} held out")
+    model.fit(Y[train], cohort.iloc[train], progress=lambda f, m: reporter.progress(0.95 * f, m))
+    if len(test):
+        table, calibration = model.evaluate(Y[test], cohort.iloc[test])
+        _write_quality(args.out, table, calibration, len(train), len(test))
+        reporter.info(_calibration_text(calibration))
+    model.save(args.out)
+    reporter.progress(1.0, f"saved model to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args, reporter) -> int:
+    from .thickness_model import CorticalThicknessModel
+
+    model = CorticalThicknessModel.load(args.model)
+    cohort, Y = _load_cohort(args, reporter, "controls")
+    table, calibration = model.evaluate(Y, cohort)
+    _write_quality(args.out, table, calibration, model.vertex.n_train_, len(cohort), suffix="")
+    reporter.info(_calibration_text(calibration))
+    return 0
+
+
+def cmd_map(args, reporter) -> int:
+    from .io import atomic_write, write_surface_data
+    from .thickness_model import CorticalThicknessModel
+
+    model = CorticalThicknessModel.load(args.model)
+    cohort, Y = _load_cohort(args, reporter, None if args.subject else "patients")
+    reporter.progress(0.3, f"scoring {len(cohort)} subjects")
+    maps = model.patient_maps(Y, cohort, threshold=args.threshold, min_cluster_size=args.min_cluster_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_left = Y.shape[1] // 2
+    rows = []
+    for k, pm in enumerate(maps):
+        folder = out / pm.subject_id
+        folder.mkdir(exist_ok=True)
+        for hemi, part in (("lh", slice(0, n_left)), ("rh", slice(n_left, None))):
+            write_surface_data(folder / f"{hemi}.z.{args.template}.mgh", np.nan_to_num(pm.z[part]))
+            write_surface_data(folder / f"{hemi}.atrophic.{args.template}.mgh",
+                               pm.atrophy.cluster_labels[part].astype(np.float32))
+        with atomic_write(folder / "regions.csv") as tmp:
+            pm.regions.to_csv(tmp, index=False)
+        rows.append(_summary_row(pm, model))
+        reporter.progress(0.3 + 0.7 * (k + 1) / len(maps), f"mapped {pm.subject_id}")
+    with atomic_write(out / "summary.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    reporter.info(f"wrote {len(maps)} atrophy maps to {out}")
+    return 0
+
+
+def cmd_adapt(args, reporter) -> int:
+    from .thickness_model import CorticalThicknessModel
+
+    _check_output_folder(args.out)
+    model = CorticalThicknessModel.load(args.model)
+    cohort, Y = _load_cohort(args, reporter, "controls")
+    adapted = model.adapt(Y, cohort)
+    adapted.save(args.out)
+    reporter.info(f"adapted to site(s) {sorted(set(cohort['site']))} with {len(cohort)} controls; saved {args.out}")
+    return 0
+
+
+def cmd_info(args, reporter) -> int:
+    from .modelio import load_model_file
+
+    _, metadata = load_model_file(args.model)
+    vertex = metadata.get("vertex", metadata)
+    design = vertex.get("design", {})
+    summary = {
+        "model_type": metadata.get("model_type"),
+        "format_version": metadata.get("format_version"),
+        "template": metadata.get("template"),
+        "n_train": vertex.get("n_train"),
+        "sites": design.get("sites", []) + [s["site"] for s in vertex.get("adapted_sites", [])],
+        "age_range": [design.get("age_min"), design.get("age_max")],
+        "params": metadata.get("params"),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_demo(args, reporter) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out, n_controls=args.n_controls, n_patients=args.n_patients, seed=args.seed,
+                      progress=reporter.progress)
+    reporter.info(json.dumps(_jsonable(result), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- helpers
+def _holdout_split(n, fraction, seed):
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--holdout must be in [0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(fraction * n))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def _check_output_folder(path):
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {folder}")
+
+
+def _write_quality(model_path, table, calibration, n_train, n_test, suffix=".quality"):
+    from .io import atomic_write
+
+    base = Path(model_path)
+    stem = base.with_suffix("") if suffix else base.with_suffix("")
+    csv_path = Path(f"{stem}{suffix}.csv")
+    json_path = Path(f"{stem}{suffix}.json")
+    summary = {
+        "n_train": int(n_train), "n_test": int(n_test), "calibration": calibration,
+        "median": {k: float(v) for k, v in table[["EV", "SMSE", "MSLL", "Rho"]].median().items()},
+    }
+    with atomic_write(csv_path) as tmp:
+        table.to_csv(tmp)
+    with atomic_write(json_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+
+
+def _calibration_text(c):
+    return (f"held-out z: mean {c['z_mean']:+.3f}, SD {c['z_sd']:.3f}, "
+            f"{100 * c['frac_beyond_1.96']:.1f} % beyond +/-1.96 (5 % expected)")
+
+
+def _summary_row(pm, model):
+    top = pm.regions.head(3)
+    cortex = int(model.cortex_.sum())
+    return {
+        "subject_id": pm.subject_id, "age": pm.age, "sex": pm.sex, "site": pm.site,
+        "n_atrophic": pm.atrophy.n_atrophic, "fraction_cortex_atrophic": pm.atrophy.n_atrophic / cortex,
+        "n_clusters": pm.atrophy.n_clusters, "mean_z": float(np.nanmean(pm.z)),
+        "top_regions": ";".join(top.loc[top["n_atrophic"] > 0, "region"]),
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuroatrophy", description="Individual brain-atrophy analyses from MRI.")
+    parser.add_argument("--version", action="version", version=f"neuroatrophy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, cohort=True):
+        p.add_argument("--progress", choices=["text", "json", "none"], default="text",
+                       help="progress output: text (default), json lines (for Slicer), none")
+        if cohort:
+            p.add_argument("--cohort", required=True, help="cohort table (CSV/TSV): subject_id, age, sex, site, ...")
+            p.add_argument("--subjects-dir", default=None,
+                           help="FreeSurfer subjects directory with <id>/surf/?h.thickness.fsaverage5.mgh")
+            p.add_argument("--template", default="fsaverage5", choices=["fsaverage5"])
+            p.add_argument("--measure", default="thickness")
+        return p
+
+    p = common(sub.add_parser("fit", help="fit a normative model of cortical thickness on controls"))
+    p.add_argument("--out", required=True, help="model file to write (.npz)")
+    p.add_argument("--heteroskedastic", action="store_true", help="noise variance changing with age")
+    p.add_argument("--warp", choices=["sinharcsinh"], default=None, help="warp for non-Gaussian thickness")
+    p.add_argument("--n-knots", type=int, default=5, help="B-spline knots for age (default 5)")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of controls held out to report fit quality (default 0.2; 0 = fit on all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-jobs", type=int, default=None)
+    p.set_defaults(func=cmd_fit)
+
+    p = common(sub.add_parser("evaluate", help="fit quality of a model on held-out controls"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="per-vertex metrics CSV (a JSON summary is written beside it)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = common(sub.add_parser("map", help="personalized atrophy maps of patients"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--subject", nargs="*", help="subject ids to map (default: all non-control subjects)")
+    p.add_argument("--threshold", type=float, default=-1.96, help="z threshold of atrophy (default -1.96)")
+    p.add_argument("--min-cluster-size", type=int, default=0, help="minimum cluster size in vertices")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_map)
+
+    p = common(sub.add_parser("adapt", help="adapt a model to a new site from some of its controls"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="adapted model file to write")
+    p.set_defaults(func=cmd_adapt)
+
+    p = common(sub.add_parser("info", help="describe a model file"), cohort=False)
+    p.add_argument("--model", required=True)
+    p.set_defaults(func=cmd_info)
+
+    p = common(sub.add_parser("demo", help="run the demo on a synthetic cohort built from fsaverage5"), cohort=False)
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--n-controls", type=int, default=600)
+    p.add_argument("--n-patients", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    reporter = _Reporter(args.progress)
+    # A terminate request (Slicer's Cancel) ends the job without a traceback.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, cat, *a, **k: reporter.info(f"warning: {msg}")
+        try:
+            return args.func(args, reporter)
+        except (ValueError, FileNotFoundError, RuntimeError) as error:
+            reporter.error(str(error))
+            return 2
+        except KeyboardInterrupt:
+            reporter.error("interrupted")
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
