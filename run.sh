@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# NeuroAtrophy: set everything up and run the demo or the tests.
+#
+#   bash run.sh demo [OUT]   # virtual environment + package, then the demo (default OUT: demo-output)
+#   bash run.sh test         # virtual environment + package + test tools, then the test suite
+#
+# Python 3.10-3.12 is needed (PYTHON=python3.12 bash run.sh test to choose one).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+command="${1:-}"
+case "$command" in
+  demo|test) ;;
+  *) echo "usage: bash run.sh demo [OUT] | bash run.sh test" >&2; exit 64 ;;
+esac
+
+PYTHON="${PYTHON:-python3}"
+VENV="${NEUROATROPHY_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+echo "==> installing neuroatrophy and its dependencies"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+# slicer-core gives the real MRML scene without Qt: the demo writes a Slicer scene with it.
+"$VENV/bin/python" -m pip install --quiet -e ".[test]"
+
+if [ "$command" = demo ]; then
+  out="${2:-demo-output}"
+  exec "$VENV/bin/neuroatrophy" demo --out "$out"
+else
+  exec "$VENV/bin/python" -m pytest Testing -q
+fi
