@@ -21,7 +21,7 @@ from .atrophy import AtrophyMap, atrophy_map, regional_summary
 from .cohort import validate_covariates
 from .modelio import load_model_file, save_model_file
 from .normative import ExtrapolationWarning, NormativeModel
-from .surface import TEMPLATE_VERTICES, dk_atlas, load_fsaverage5, template_from_n_vertices
+from .surface import TEMPLATE_VERTICES, dk_atlas, load_fsaverage5
 
 __all__ = ["CorticalThicknessModel", "PatientMap", "regional_means"]
 
@@ -130,14 +130,8 @@ class CorticalThicknessModel:
         expected = 2 * TEMPLATE_VERTICES[self.template]
         if Y.ndim != 2 or Y.shape[1] != expected:
             found = Y.shape[-1]
-            hint = ""
-            if found % 2 == 0:
-                try:
-                    hint = f" (that is {template_from_n_vertices(found // 2)})"
-                except ValueError:
-                    pass
             raise ValueError(
-                f"{name} has {found} vertices per subject{hint}; the {self.template} template has {expected} "
+                f"{name} has {found} vertices per subject{_template_hint(found)}; the {self.template} template has {expected} "
                 "(left then right hemisphere)"
             )
         return Y
@@ -284,6 +278,16 @@ class CorticalThicknessModel:
             "heteroskedastic": self.heteroskedastic, "warp": self.warp, "n_knots": self.n_knots,
             "degree": self.degree, "template": self.template, "n_jobs": self.n_jobs, "backend": self.backend,
         }
+
+
+def _template_hint(n: int) -> str:
+    """Say which template a vertex count belongs to, if any."""
+    for template, per_hemi in TEMPLATE_VERTICES.items():
+        if n == 2 * per_hemi:
+            return f" (both hemispheres of {template})"
+        if n == per_hemi:
+            return f" (one hemisphere of {template}: give left then right)"
+    return ""
 
 
 def _scaled(progress, start, stop):
