@@ -21,6 +21,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -33,27 +34,34 @@ __all__ = ["main", "build_parser"]
 
 
 class _Reporter:
-    """Progress and messages, as text or as JSON lines."""
+    """Progress and messages, as text or as JSON lines (one object per line, never interleaved)."""
 
     def __init__(self, mode: str):
         self.mode = mode
+        self._lock = threading.Lock()
+
+    def _emit(self, text: str, stream=None) -> None:
+        stream = stream or sys.stdout
+        with self._lock:
+            stream.write(text + "\n")
+            stream.flush()
 
     def progress(self, fraction: float, message: str) -> None:
         if self.mode == "json":
-            print(json.dumps({"progress": round(float(fraction), 4), "message": message}), flush=True)
+            self._emit(json.dumps({"progress": round(float(fraction), 4), "message": message}))
         elif self.mode == "text":
-            print(f"[{100 * fraction:5.1f} %] {message}", flush=True)
+            self._emit(f"[{100 * fraction:5.1f} %] {message}")
 
     def info(self, message: str) -> None:
         if self.mode == "json":
-            print(json.dumps({"message": message}), flush=True)
+            self._emit(json.dumps({"message": message}))
         elif self.mode != "none":
-            print(message, flush=True)
+            self._emit(message)
 
     def error(self, message: str) -> None:
         if self.mode == "json":
-            print(json.dumps({"error": message}), flush=True)
-        print(f"neuroatrophy: error: {message}", file=sys.stderr, flush=True)
+            self._emit(json.dumps({"error": message}))
+        self._emit(f"neuroatrophy: error: {message}", sys.stderr)
 
 
 # ---------------------------------------------------------------- commands
@@ -302,7 +310,7 @@ def main(argv=None) -> int:
     # A terminate request (Slicer's Cancel) ends the job without a traceback.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", UserWarning)
         warnings.showwarning = lambda msg, cat, *a, **k: reporter.info(f"warning: {msg}")
         try:
             return args.func(args, reporter)

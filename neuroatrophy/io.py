@@ -81,7 +81,11 @@ def read_surface_data(path) -> np.ndarray:
 def _read_mgh(path: Path) -> np.ndarray:
     import nibabel as nib
 
-    return np.asarray(nib.load(path).dataobj)
+    # Read the bytes ourselves: nib.load leaves the file handle to the garbage collector.
+    raw = path.read_bytes()
+    if path.name.lower().endswith(".mgz"):
+        raw = gzip.decompress(raw)
+    return np.asarray(nib.MGHImage.from_bytes(raw).dataobj)
 
 
 def _read_gifti(path: Path) -> np.ndarray:

@@ -87,6 +87,14 @@ def _mrml():
     return slicer, vtk, numpy_support
 
 
+def new_scene():
+    """A new, empty ``vtkMRMLScene`` (for headless use; in Slicer pass ``slicer.mrmlScene``).
+
+    Raises ImportError with the install hint when neither Slicer nor slicer-core is available.
+    """
+    return _mrml()[0].vtkMRMLScene()
+
+
 def _check_scene(scene):
     _mrml()  # fail with the install hint before anything else
     if scene is None or not hasattr(scene, "IsA") or not scene.IsA("vtkMRMLScene"):
