@@ -144,7 +144,7 @@ def test_centile_curves_with_the_patient(scene, fitted):
 
     chart = na_scene.show_centile_curves(scene, model, region, patient_map=pm)
 
-    assert chart.GetName() == f"{region} thickness centiles"
+    assert chart.GetName() == f"{region} thickness"
     series = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
     assert [s.GetName() for s in series] == ["p5", "p25", "p50", "p75", "p95", "Patient"]
     curves = mrml.dataframe_from_table(series[0].GetTableNode())

@@ -205,7 +205,7 @@ def show_centile_curves(scene, thickness_model, region, patient_map=None, patien
     site : str, optional
         Site of the curves (default: the patient's, else the model's first site).
     name : str, optional
-        Chart name; defaults to ``"<region> thickness centiles"``.
+        Chart name; defaults to ``"<region> thickness"`` (its tables add " centiles" and " patient").
 
     Returns
     -------
@@ -230,7 +230,7 @@ def show_centile_curves(scene, thickness_model, region, patient_map=None, patien
     if site is not None and site not in thickness_model.sites_:
         site = None  # an unseen site has no offset of its own: the curves of the first site are the reference
     curves = thickness_model.region_centile_curves(region, sex=sex, site=site)
-    name = name or f"{region} thickness centiles"
+    name = name or f"{region} thickness"
     centile_columns = {column: curves[column].to_numpy() for column in curves.columns if column != "age"}
     if (patient_age is None) != (patient_value is None):
         raise ValueError(
