@@ -36,12 +36,13 @@ def bspline_basis(x, lower: float, upper: float, n_knots: int = 5, degree: int =
 class DesignSpec:
     """How covariates become design-matrix columns; fitted on the training covariates.
 
-    Columns: intercept, standardised age, B-spline of age, male indicator (if
-    ``sex_effect``), and site fixed effects in deviation (sum-to-zero) coding (if
-    ``site_effect`` and there are several sites): one column per site but the last,
-    whose subjects get -1 in all of them. All-zero site columns thus mean "the
-    average site", which is where a site unknown at training starts before
-    :meth:`NormativeModel.adapt` learns its offset.
+    Columns: intercept, standardised age, B-spline of age, one indicator per sex
+    (if ``sex_effect``) and one per training site (if ``site_effect``): sex and site
+    are fixed batch effects under the shared prior, coded as PCNtoolkit codes them.
+    The indicators overlap the intercept; the prior resolves the split, and the
+    model works in the design's row space. A site unknown at training is
+    predicted as "the average site" (``1 / n_sites`` in every site column, see
+    :meth:`average_site`) until :meth:`NormativeModel.adapt` learns its offset.
     """
 
     n_knots: int = 5
@@ -73,9 +74,9 @@ class DesignSpec:
         names = ["intercept", "age"]
         names += [f"age_spline_{i}" for i in range(self.n_knots + self.degree - 1)]
         if self.sex_effect:
-            names.append("sex_M")
+            names += ["sex_F", "sex_M"]
         if self.site_effect:
-            names += [f"site_{s}" for s in self.sites[:-1]]
+            names += [f"site_{s}" for s in self.sites]
         return names
 
     def transform(self, covariates: pd.DataFrame) -> np.ndarray:
@@ -87,13 +88,23 @@ class DesignSpec:
             bspline_basis(age, self.spline_lower, self.spline_upper, self.n_knots, self.degree),
         ]
         if self.sex_effect:
-            blocks.append((covariates["sex"].to_numpy() == "M").astype(float)[:, None])
-        if self.site_effect and len(self.sites) > 1:
+            male = (covariates["sex"].to_numpy() == "M").astype(float)[:, None]
+            blocks.append(np.hstack([1.0 - male, male]))
+        if self.site_effect:
             site = covariates["site"].astype(str).to_numpy()
-            codes = (site[:, None] == np.asarray(self.sites[:-1], dtype=object)[None, :]).astype(float)
-            codes[site == self.sites[-1]] = -1.0
-            blocks.append(codes)
+            blocks.append((site[:, None] == np.asarray(self.sites, dtype=object)[None, :]).astype(float))
         return np.hstack(blocks)
+
+    def site_columns(self) -> list[int]:
+        """Indices of the site indicator columns."""
+        return [i for i, name in enumerate(self.column_names) if name.startswith("site_")]
+
+    def average_site(self, design: np.ndarray, rows) -> np.ndarray:
+        """Set ``rows`` of a design matrix to the average training site (in place; returned)."""
+        columns = self.site_columns()
+        if columns:
+            design[np.ix_(np.asarray(rows, bool), columns)] = 1.0 / len(columns)
+        return design
 
     def variance_design(self, covariates: pd.DataFrame) -> np.ndarray:
         """Low-order basis of the noise log-precision: 1, age, age^2 (age clipped to the training range)."""

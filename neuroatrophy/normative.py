@@ -158,8 +158,7 @@ class NormativeModel:
         _warn_small_sites(covariates)
 
         self.design_ = design
-        self.y_mean_ = Y.mean(axis=0)
-        self.y_sd_ = Y.std(axis=0)
+        self.y_mean_, self.y_sd_ = _column_mean_sd(Y, self.chunk_size)
         constant = self.y_sd_ <= _TINY * np.maximum(1.0, np.abs(self.y_mean_))
         if constant.any():
             names = _response_labels(np.flatnonzero(constant), response_names)
@@ -358,10 +357,7 @@ class NormativeModel:
         sites = self.design_.sites
         if not self.site_effect or len(sites) < 2:
             return np.full(self.n_responses_, 0.1)  # standardised units; no sites to learn it from
-        names = self.design_.column_names
-        first = names.index(f"site_{sites[0]}")
-        coefs = self.weights_[first : first + len(sites) - 1]
-        effects = np.vstack([coefs, -coefs.sum(axis=0, keepdims=True)])  # deviation coding
+        effects = self.weights_[self.design_.site_columns()]   # (n_sites, V); the mean is the intercept's
         per_response = effects.var(axis=0, ddof=1)
         # Few sites make a noisy per-response variance: pool half of it with the median.
         return np.maximum(0.5 * per_response + 0.5 * np.median(per_response), 1e-4)
@@ -478,10 +474,7 @@ class NormativeModel:
         return mu, np.sqrt(var)
 
     def _gaussian_prediction(self, covariates, cols, average_site):
-        Phi = self.design_.transform(covariates)
-        if self.design_.site_effect and len(self.design_.sites) > 1:
-            site_cols = [i for i, n in enumerate(self.design_.column_names) if n.startswith("site_")]
-            Phi[np.ix_(np.asarray(average_site, bool), site_cols)] = 0.0
+        Phi = self.design_.average_site(self.design_.transform(covariates), average_site)
         weights = self.weights_[:, cols]
         mu = Phi @ weights
         var = self._noise_variance(covariates, cols) + self._parameter_variance(Phi, cols)
@@ -590,6 +583,7 @@ def _mackay(c, yy, s2, n, d, max_iter, tol, alpha=None, beta=None):
     s2 = s2[:, None]
     alpha = np.ones(c.shape[1]) if alpha is None else alpha
     beta = np.ones(c.shape[1]) if beta is None else beta
+    active = np.ones(c.shape[1], dtype=bool)
     for _ in range(max_iter):
         lam = beta * s2
         denom = alpha + lam
@@ -598,9 +592,12 @@ def _mackay(c, yy, s2, n, d, max_iter, tol, alpha=None, beta=None):
         ed = resid_out + np.sum(c2 * (alpha / denom) ** 2, axis=0)
         new_alpha = np.clip(gamma / np.maximum(m2, _TINY), 1e-10, 1e10)
         new_beta = np.clip((n - gamma) / np.maximum(ed, _TINY), 1e-10, 1e10)
-        change = max(np.max(np.abs(np.log(new_alpha / alpha))), np.max(np.abs(np.log(new_beta / beta))))
-        alpha, beta = new_alpha, new_beta
-        if change < tol:
+        change = np.maximum(np.abs(np.log(new_alpha / alpha)), np.abs(np.log(new_beta / beta)))
+        # Each response stops on its own, so results do not depend on how responses are chunked.
+        alpha = np.where(active, new_alpha, alpha)
+        beta = np.where(active, new_beta, beta)
+        active &= change >= tol
+        if not active.any():
             break
     lam = beta * s2
     denom = alpha + lam
@@ -738,8 +735,21 @@ def _response_labels(indices, names) -> str:
     return ", ".join(labels) + (", ..." if len(indices) > 10 else "")
 
 
+def _column_mean_sd(Y, chunk_size):
+    """Per-column mean and SD, a block of columns at a time (no full-size temporary)."""
+    mean = np.empty(Y.shape[1])
+    sd = np.empty(Y.shape[1])
+    for columns in _chunks(Y.shape[1], chunk_size):
+        block = Y[:, columns].astype(np.float64)
+        mean[columns] = block.mean(axis=0)
+        sd[columns] = block.std(axis=0)
+    return mean, sd
+
+
 def _as_response_matrix(Y, name, n_rows, covariates, n_columns=None) -> np.ndarray:
-    Y = np.asarray(Y, dtype=float)
+    Y = np.asarray(Y)
+    if not np.issubdtype(Y.dtype, np.floating):
+        Y = Y.astype(np.float64)   # float32 data stay float32: chunks are promoted as they are fitted
     if Y.ndim == 1:
         Y = Y[None, :] if n_rows == 1 else Y[:, None]
     if Y.ndim != 2:
