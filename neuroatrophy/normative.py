@@ -149,11 +149,13 @@ class NormativeModel:
 
         design = DesignSpec(self.n_knots, self.degree, self.sex_effect, self.site_effect).fit(covariates)
         Phi = design.transform(covariates)
-        min_n = max(MIN_CONTROLS, 2 * Phi.shape[1])
+        svd = _design_svd(Phi)
+        # Two controls per free design direction (indicators overlap the intercept, so rank < columns).
+        min_n = max(MIN_CONTROLS, 2 * len(svd[1]))
         if n_subjects < min_n:
             raise ValueError(
                 f"too few controls to fit a normative model: {n_subjects} given, at least {min_n} needed "
-                f"for {Phi.shape[1]} design columns (age spline, sex, {len(design.sites)} site(s))"
+                f"for {len(svd[1])} free design parameters (age spline, sex, {len(design.sites)} site(s))"
             )
         _warn_small_sites(covariates)
 
@@ -164,7 +166,6 @@ class NormativeModel:
             names = _response_labels(np.flatnonzero(constant), response_names)
             raise ValueError(f"Y has no variance across controls for response(s) {names}; nothing to model")
         Psi = design.variance_design(covariates) if self.heteroskedastic else None
-        svd = _design_svd(Phi)
 
         chunks = _chunks(n_responses, self.chunk_size)
 
