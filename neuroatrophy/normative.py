@@ -230,28 +230,11 @@ class NormativeModel:
     def predict(self, covariates: pd.DataFrame, responses=None) -> Prediction:
         """Predictive mean, SD and median per subject and response (response units)."""
         mu, sd, cols = self._predict_warped(covariates, responses)
-        if self.warp is None:
-            mean = self.y_mean_[cols] + self.y_sd_[cols] * mu
-            std = self.y_sd_[cols] * sd
-            return Prediction(mean=mean, std=std, median=mean.copy())
-        a, b = self.warp_a_[cols], self.warp_b_[cols]
-        median = sinharcsinh_inverse(mu, a, b)
-        mean, std = _warped_moments(mu, sd, a, b)
-        scale = self.y_sd_[cols]
-        return Prediction(
-            mean=self.y_mean_[cols] + scale * mean,
-            std=scale * std,
-            median=self.y_mean_[cols] + scale * median,
-        )
+        return self._prediction_from_warped(mu, sd, cols)
 
     def score(self, Y, covariates: pd.DataFrame, responses=None) -> Deviations:
         """Deviation z-scores and centiles of observed values ``Y``."""
-        covariates = validate_covariates(covariates)
-        mu, sd, cols = self._predict_warped(covariates, responses)
-        Y = _as_response_matrix(Y, "Y", len(covariates), covariates, n_columns=mu.shape[1])
-        w = self._to_warped(Y, cols)
-        z = (w - mu) / sd
-        pred = self._prediction_from_warped(mu, sd, cols)
+        _, z, _, _, pred = self._deviations(Y, covariates, responses)
         return Deviations(z=z, centile=100.0 * ndtr(z), mean=pred.mean, std=pred.std)
 
     def evaluate(self, Y, covariates: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -260,12 +243,7 @@ class NormativeModel:
         Returns a DataFrame with ``EV``, ``SMSE``, ``MSLL``, ``Rho``, ``R2`` (one row per
         response) and a dict with ``z_mean``, ``z_sd``, ``frac_beyond_1.96``.
         """
-        covariates = validate_covariates(covariates)
-        mu, sd, cols = self._predict_warped(covariates, None)
-        Y = _as_response_matrix(Y, "Y", len(covariates), covariates, n_columns=mu.shape[1])
-        w = self._to_warped(Y, cols)
-        z = (w - mu) / sd
-        pred = self._prediction_from_warped(mu, sd, cols)
+        Y, z, sd, cols, pred = self._deviations(Y, covariates, None)
         nll = 0.5 * np.log(2 * np.pi * sd**2) + 0.5 * z**2 + np.log(self.y_sd_)
         if self.warp is not None:
             ys = (Y - self.y_mean_) / self.y_sd_
@@ -449,6 +427,14 @@ class NormativeModel:
         if responses is None:
             return slice(None)
         return np.asarray([self._response_index(r) for r in responses], dtype=int)
+
+    def _deviations(self, Y, covariates, responses):
+        """Observed values, their z, predictive SD (warped space), columns and prediction."""
+        covariates = validate_covariates(covariates)
+        mu, sd, cols = self._predict_warped(covariates, responses)
+        Y = _as_response_matrix(Y, "Y", len(covariates), covariates, n_columns=mu.shape[1])
+        z = (self._to_warped(Y, cols) - mu) / sd
+        return Y, z, sd, cols, self._prediction_from_warped(mu, sd, cols)
 
     def _predict_warped(self, covariates, responses):
         """Predictive mean and SD in the standardised (and warped) space."""
