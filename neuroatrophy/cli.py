@@ -96,11 +96,11 @@ def cmd_fit(args, reporter) -> int:
                                    template=args.template, n_jobs=args.n_jobs)
     reporter.info(f"fitting on {len(train)} controls, {len(test)} held out")
     model.fit(Y[train], cohort.iloc[train], progress=lambda f, m: reporter.progress(0.95 * f, m))
-    if len(test):
-        table, calibration = model.evaluate(Y[test], cohort.iloc[test])
-        _write_quality(args.out, table, calibration, len(train), len(test))
-        reporter.info(_calibration_text(calibration))
-    model.save(args.out)
+    quality = model.evaluate(Y[test], cohort.iloc[test]) if len(test) else None
+    model.save(args.out)   # the model first: fit-quality files never stand without their model
+    if quality is not None:
+        _write_quality(args.out, *quality, len(train), len(test))
+        reporter.info(_calibration_text(quality[1]))
     reporter.progress(1.0, f"saved model to {args.out}")
     return 0
 
@@ -203,8 +203,7 @@ def _check_output_folder(path):
 def _write_quality(model_path, table, calibration, n_train, n_test, suffix=".quality"):
     from .io import atomic_write
 
-    base = Path(model_path)
-    stem = base.with_suffix("") if suffix else base.with_suffix("")
+    stem = Path(model_path).with_suffix("")
     csv_path = Path(f"{stem}{suffix}.csv")
     json_path = Path(f"{stem}{suffix}.json")
     summary = {

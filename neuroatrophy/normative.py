@@ -203,7 +203,8 @@ class NormativeModel:
         self.alpha_ = stack("alpha")                      # (V,)
         self.beta_ = stack("beta")                        # (V,) homoskedastic noise precision
         self.eta_ = stack("eta")                          # (P, V) heteroskedastic log-precision coefs
-        self.cov_ = stack("cov", axis=0)                  # (V, D, D) heteroskedastic posterior covariance
+        self.cov_ = stack("cov", axis=0)                  # (V, r, r) heteroskedastic posterior covariance,
+                                                          # in the design's row space (eig_vecs_)
         self.log_evidence_ = stack("log_evidence")        # (V,)
         self.warp_a_ = stack("warp_a")
         self.warp_b_ = stack("warp_b")
@@ -475,16 +476,16 @@ class NormativeModel:
 
     def _parameter_variance(self, Phi, cols):
         """phi^T A^-1 phi for every subject and response."""
-        if self.cov_ is not None:
+        alpha = self.alpha_[cols]
+        q = Phi @ self.eig_vecs_.T                                   # (n, r) design in its row space
+        null = np.maximum(np.sum(Phi**2, axis=1) - np.sum(q**2, axis=1), 0.0)[:, None] / alpha[None, :]
+        if self.cov_ is not None:                                    # heteroskedastic: (V, r, r) posterior
             cov = self.cov_[cols]
-            D = Phi.shape[1]
-            outer = (Phi[:, :, None] * Phi[:, None, :]).reshape(len(Phi), D * D)
-            return outer @ cov.reshape(len(cov), D * D).T
-        alpha, beta = self.alpha_[cols], self.beta_[cols]
-        q = Phi @ self.eig_vecs_.T                                   # (n, r)
-        inv_eig = 1.0 / (alpha[None, :] + beta[None, :] * self.eig_vals_[:, None])  # (r, V)
-        null = np.maximum(np.sum(Phi**2, axis=1) - np.sum(q**2, axis=1), 0.0)
-        return (q**2) @ inv_eig + null[:, None] / alpha[None, :]
+            r = q.shape[1]
+            outer = (q[:, :, None] * q[:, None, :]).reshape(len(q), r * r)
+            return outer @ cov.reshape(len(cov), r * r).T + null
+        inv_eig = 1.0 / (alpha[None, :] + self.beta_[cols][None, :] * self.eig_vals_[:, None])  # (r, V)
+        return (q**2) @ inv_eig + null
 
     def _to_warped(self, Y, cols):
         ys = (Y - self.y_mean_[cols]) / self.y_sd_[cols]
@@ -555,7 +556,7 @@ def _fit_chunk(Phi, Psi, svd, ys, warp, max_iter, tol) -> dict:
     if Psi is None:
         out["beta"] = beta
     else:
-        out.update(_fit_heteroskedastic(Phi, Psi, ys, alpha, beta, max_iter=min(max_iter, 50), tol=1e-4))
+        out.update(_fit_heteroskedastic(U * s, Vt, Psi, ys, alpha, beta, max_iter=min(max_iter, 50), tol=1e-4))
     return out
 
 
@@ -599,23 +600,37 @@ def _mackay(c, yy, s2, n, d, max_iter, tol, alpha=None, beta=None):
     return alpha, beta, m_eig, log_ev
 
 
-def _fit_heteroskedastic(Phi, Psi, y, alpha, beta, max_iter, tol) -> dict:
-    """Generalised EM for noise log-precision ``Psi @ eta``, batched across responses."""
-    n, d = Phi.shape
+def _fit_heteroskedastic(basis, Vt, Psi, y, alpha, beta, max_iter, tol) -> dict:
+    """Generalised EM for noise log-precision ``Psi @ eta``, batched across responses.
+
+    Works in the design's row space, ``basis = Phi @ Vt.T`` (n, r): the prior is isotropic,
+    so rotating into it changes nothing but drops the design's null directions. Symmetric
+    r x r products are formed from their upper triangles only.
+    """
+    n, r = basis.shape
     p = Psi.shape[1]
-    outer = (Phi[:, :, None] * Phi[:, None, :]).reshape(n, d * d)
+    rows, cols = np.triu_indices(r)
+    outer = basis[:, rows] * basis[:, cols]                             # (n, T) upper triangle
+    twice = np.where(rows == cols, 1.0, 2.0)                            # off-diagonal terms count twice
     psi_outer = (Psi[:, :, None] * Psi[:, None, :]).reshape(n, p * p)
     eta = np.zeros((p, y.shape[1]))
     eta[0] = np.log(beta)
-    eye = np.eye(d)
+
+    def posterior(prec, alpha):
+        A = np.empty((y.shape[1], r, r))
+        A[:, rows, cols] = (outer.T @ prec).T
+        A[:, cols, rows] = A[:, rows, cols]
+        A[:, np.arange(r), np.arange(r)] += alpha[:, None]
+        cov = np.linalg.inv(A)
+        m = np.einsum("vde,vd->ve", cov, (basis.T @ (prec * y)).T)      # (V, r)
+        return m, cov
+
     for _ in range(max_iter):
         prec = np.exp(Psi @ eta)                                        # (n, V)
-        A = (outer.T @ prec).T.reshape(-1, d, d) + alpha[:, None, None] * eye
-        cov = np.linalg.inv(A)
-        m = np.einsum("vde,vd->ve", cov, (Phi.T @ (prec * y)).T)        # (V, D)
-        resid = y - Phi @ m.T
-        expected_sq = resid**2 + outer @ cov.reshape(len(cov), d * d).T
-        gamma = d - alpha * np.trace(cov, axis1=1, axis2=2)
+        m, cov = posterior(prec, alpha)
+        resid = y - basis @ m.T
+        expected_sq = resid**2 + outer @ (cov[:, rows, cols] * twice).T
+        gamma = r - alpha * np.trace(cov, axis1=1, axis2=2)
         alpha = np.clip(gamma / np.maximum(np.sum(m**2, axis=1), _TINY), 1e-10, 1e10)
         weighted = prec * expected_sq
         grad = 0.5 * Psi.T @ (1.0 - weighted)                           # (P, V)
@@ -626,11 +641,8 @@ def _fit_heteroskedastic(Phi, Psi, y, alpha, beta, max_iter, tol) -> dict:
         eta += step
         if np.max(np.abs(step)) < tol:
             break
-    prec = np.exp(Psi @ eta)
-    A = (outer.T @ prec).T.reshape(-1, d, d) + alpha[:, None, None] * eye
-    cov = np.linalg.inv(A)
-    m = np.einsum("vde,vd->ve", cov, (Phi.T @ (prec * y)).T)
-    return {"weights": m.T, "alpha": alpha, "eta": eta, "cov": cov}
+    m, cov = posterior(np.exp(Psi @ eta), alpha)
+    return {"weights": Vt.T @ m.T, "alpha": alpha, "eta": eta, "cov": cov}
 
 
 def _fit_sinharcsinh(U, s, d, ys, max_iter, tol):
