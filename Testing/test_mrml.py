@@ -505,7 +505,7 @@ def full_scene(sphere, rng, example_df):
     vertices, faces = sphere
     z = rng.normal(size=len(vertices))
     colors = mrml.diverging_color_table(scene)
-    model = mrml.add_surface_model(
+    mrml.add_surface_model(
         scene, vertices, faces, "lh atrophy", scalars={"z": z, "atrophy": z < -1},
         color_node=colors, scalar_range=(-4, 4), threshold=(-10, -1.96),
     )

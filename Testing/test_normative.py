@@ -1,7 +1,6 @@
 """Normative model: parameter recovery, calibration, transfer, save/load and bad input."""
 
 import json
-import warnings
 import zipfile
 
 import numpy as np

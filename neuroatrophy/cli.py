@@ -87,6 +87,7 @@ def _load_cohort(args, reporter, part: str | None):
 
 
 def cmd_fit(args, reporter) -> int:
+    from .parallel import scaled_progress
     from .thickness_model import CorticalThicknessModel
 
     _check_output_folder(args.out)
@@ -95,7 +96,7 @@ def cmd_fit(args, reporter) -> int:
     model = CorticalThicknessModel(heteroskedastic=args.heteroskedastic, warp=args.warp, n_knots=args.n_knots,
                                    template=args.template, n_jobs=args.n_jobs)
     reporter.info(f"fitting on {len(train)} controls, {len(test)} held out")
-    model.fit(Y[train], cohort.iloc[train], progress=lambda f, m: reporter.progress(0.95 * f, m))
+    model.fit(Y[train], cohort.iloc[train], progress=scaled_progress(reporter.progress, 0.0, 0.95))
     quality = model.evaluate(Y[test], cohort.iloc[test]) if len(test) else None
     model.save(args.out)   # the model first: fit-quality files never stand without their model
     if quality is not None:

@@ -611,6 +611,7 @@ def run_demo(out_dir, n_controls: int = 600, n_patients: int = 60, seed: int = 0
     from .atrophy import detection_rates
     from .cohort import read_cohort, split_groups
     from .io import atomic_write, load_cohort_surface_data
+    from .parallel import scaled_progress
     from .thickness_model import CorticalThicknessModel
 
     if int(n_controls) != n_controls or n_controls < 50:
@@ -639,7 +640,7 @@ def run_demo(out_dir, n_controls: int = 600, n_patients: int = 60, seed: int = 0
     cov_train, cov_test = controls.iloc[train], controls.iloc[test]
 
     report(0.3, f"fitting the normative model on {len(train)} controls")
-    model = CorticalThicknessModel().fit(Y_train, cov_train, progress=_scaled(report, 0.3, 0.5))
+    model = CorticalThicknessModel().fit(Y_train, cov_train, progress=scaled_progress(report, 0.3, 0.5))
     model.save(results / "model.npz")
 
     report(0.5, f"evaluating on {len(test)} held-out controls")
@@ -728,10 +729,6 @@ def _print_progress(fraction: float, message: str) -> None:
     print(f"[demo {100 * fraction:3.0f} %] {message}", flush=True)
 
 
-def _scaled(report, start, stop):
-    return lambda fraction, message: report(start + (stop - start) * fraction, message)
-
-
 def _split_by_site(controls: pd.DataFrame, fraction: float, seed: int):
     """Positions of training and held-out controls; each site keeps the same held-out fraction."""
     rng = np.random.default_rng([seed, 1])
@@ -774,7 +771,7 @@ def _summary_row(pm, rates, true_mask, affected_regions, covariate_row) -> dict:
         "dice": rates["dice"],
         "top_regions": ";".join(top),
         "true_regions": ";".join(affected_regions),
-        "lowest_regional_z_region": regions.loc[regions["regional_z"].idxmin(), "region"],
+        "lowest_regional_z_region": _most_atrophic_region(pm),
         "lowest_regional_z": float(regions["regional_z"].min()),
         "panss_change": float(covariate_row.get("panss_change", np.nan)),
     }

@@ -37,7 +37,7 @@ from .basis import DesignSpec
 from .cohort import validate_covariates
 from .metrics import explained_variance, msll, pearson_rho, r2_score, smse, z_calibration
 from .modelio import load_model_file, save_model_file
-from .parallel import Cancelled, parallel_map
+from .parallel import parallel_map
 from .warp import sinharcsinh, sinharcsinh_inverse, sinharcsinh_log_jacobian
 
 __all__ = ["NormativeModel", "Prediction", "Deviations", "ExtrapolationWarning", "MIN_CONTROLS"]
@@ -361,7 +361,7 @@ class NormativeModel:
             value = getattr(self, key + "_")
             if value is not None:
                 arrays[prefix + key] = value
-        for i, (site, values) in enumerate(self.adapted_sites_.items()):
+        for i, values in enumerate(self.adapted_sites_.values()):
             for key in ("offset", "offset_var", "scale"):
                 arrays[f"{prefix}adapted_{i}_{key}"] = values[key]
         metadata = {

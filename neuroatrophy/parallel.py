@@ -11,13 +11,23 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable, Sequence
 
-__all__ = ["Cancelled", "parallel_map", "default_n_jobs", "BACKENDS"]
+__all__ = ["Cancelled", "parallel_map", "default_n_jobs", "scaled_progress", "BACKENDS"]
 
 BACKENDS = ("joblib", "sequential", "dask")
 
 
 class Cancelled(RuntimeError):
     """Raised (typically from a progress callback) to stop a long computation."""
+
+
+def scaled_progress(progress, start: float, stop: float):
+    """A progress callback that maps a sub-task's 0..1 onto ``start..stop`` of ``progress``.
+
+    Returns None when ``progress`` is None, so it can be passed on unconditionally.
+    """
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(start + (stop - start) * fraction, message)
 
 
 def default_n_jobs() -> int:

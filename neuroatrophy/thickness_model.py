@@ -21,6 +21,7 @@ from .atrophy import AtrophyMap, atrophy_map, regional_summary
 from .cohort import validate_covariates
 from .modelio import load_model_file, save_model_file
 from .normative import ExtrapolationWarning, NormativeModel
+from .parallel import scaled_progress
 from .surface import TEMPLATE_VERTICES, dk_atlas, load_fsaverage5
 
 __all__ = ["CorticalThicknessModel", "PatientMap", "regional_means"]
@@ -117,11 +118,11 @@ class CorticalThicknessModel:
         self.parcellation_ = dk_atlas()
         self.cortex_ = ~self.parcellation_.medial_wall
         self.vertex = self._new_model().fit(
-            Y[:, self.cortex_], covariates, progress=_scaled(progress, 0.0, 0.9),
+            Y[:, self.cortex_], covariates, progress=scaled_progress(progress, 0.0, 0.9),
         )
         self.regional = self._new_model().fit(
             regional_means(Y, self.parcellation_), covariates,
-            response_names=self.parcellation_.names, progress=_scaled(progress, 0.9, 1.0),
+            response_names=self.parcellation_.names, progress=scaled_progress(progress, 0.9, 1.0),
         )
         return self
 
@@ -288,9 +289,3 @@ def _template_hint(n: int) -> str:
         if n == per_hemi:
             return f" (one hemisphere of {template}: give left then right)"
     return ""
-
-
-def _scaled(progress, start, stop):
-    if progress is None:
-        return None
-    return lambda fraction, message: progress(start + (stop - start) * fraction, message)
