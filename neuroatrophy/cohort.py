@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["read_cohort", "validate_covariates", "split_groups", "COLUMN_ALIASES"]
+__all__ = ["read_cohort", "validate_covariates", "split_groups", "subject_names", "format_listing", "COLUMN_ALIASES"]
 
 #: Accepted column names (case-insensitive) for each standard column.
 COLUMN_ALIASES = {
@@ -126,8 +126,8 @@ def validate_covariates(df: pd.DataFrame, require=("age", "sex", "site")) -> pd.
         out["subject_id"] = _labels_column(out, "subject_id", where, required=True)
         duplicated = out["subject_id"][out["subject_id"].duplicated()].unique().tolist()
         if duplicated:
-            raise ValueError(f"{where}: duplicate subject ids: {_listing(duplicated)}")
-    names = _subject_names(out)
+            raise ValueError(f"{where}: duplicate subject ids: {format_listing(duplicated)}")
+    names = subject_names(out)
     if "age" in out.columns:
         out["age"] = _age_column(out["age"], names, where, required="age" in require)
     if "sex" in out.columns:
@@ -155,8 +155,8 @@ def _rename_aliases(df: pd.DataFrame, where: str) -> pd.DataFrame:
     return out
 
 
-def _subject_names(df: pd.DataFrame) -> list[str]:
-    """How each row is named in error messages."""
+def subject_names(df: pd.DataFrame) -> list[str]:
+    """How each row of a cohort or covariate table is named in error messages."""
     if "subject_id" in df.columns:
         return df["subject_id"].tolist()
     if not isinstance(df.index, pd.RangeIndex):
@@ -181,7 +181,7 @@ def _labels_column(df, column, where, required, names=None) -> pd.Series:
     missing = _is_missing(values)
     names = names if names is not None else [f"row {i + 1}" for i in range(len(df))]
     if required and missing.any():
-        raise ValueError(f"{where}: column '{column}' has missing values for {_listing(_pick(names, missing))}")
+        raise ValueError(f"{where}: column '{column}' has missing values for {format_listing(_pick(names, missing))}")
     labels = [None if gone else _as_label(v) for v, gone in zip(values.tolist(), missing)]
     return pd.Series(labels, index=df.index, dtype=object if missing.any() else None, name=column)
 
@@ -189,28 +189,28 @@ def _labels_column(df, column, where, required, names=None) -> pd.Series:
 def _age_column(values: pd.Series, names, where, required) -> pd.Series:
     missing = _is_missing(values)
     if required and missing.any():
-        raise ValueError(f"{where}: column 'age' has missing values for {_listing(_pick(names, missing))}")
+        raise ValueError(f"{where}: column 'age' has missing values for {format_listing(_pick(names, missing))}")
     age = pd.to_numeric(values.where(~missing), errors="coerce").astype(np.float64)
     bad = ~missing & ~np.isfinite(age.to_numpy())
     if bad.any():
         shown = [f"{n} ({v!r})" for n, v in zip(_pick(names, bad), values[bad].tolist())]
-        raise ValueError(f"{where}: column 'age' is not a number for {_listing(shown)}")
+        raise ValueError(f"{where}: column 'age' is not a number for {format_listing(shown)}")
     negative = (age < 0).to_numpy()
     if negative.any():
-        raise ValueError(f"{where}: column 'age' is negative for {_listing(_pick(names, negative))}")
+        raise ValueError(f"{where}: column 'age' is negative for {format_listing(_pick(names, negative))}")
     return age
 
 
 def _sex_column(values: pd.Series, names, where, required) -> pd.Series:
     missing = _is_missing(values)
     if required and missing.any():
-        raise ValueError(f"{where}: column 'sex' has missing values for {_listing(_pick(names, missing))}")
+        raise ValueError(f"{where}: column 'sex' has missing values for {format_listing(_pick(names, missing))}")
     codes = [None if gone else _SEX_CODES.get(str(v).strip().lower()) for v, gone in zip(values.tolist(), missing)]
     bad = np.array([code is None and not gone for code, gone in zip(codes, missing)])
     if bad.any():
         shown = [f"{n} ({v!r})" for n, v in zip(_pick(names, bad), values[bad].tolist())]
         raise ValueError(
-            f"{where}: column 'sex' must be F or M (or female/male, woman/man) but is {_listing(shown)}"
+            f"{where}: column 'sex' must be F or M (or female/male, woman/man) but is {format_listing(shown)}"
         )
     return pd.Series(codes, index=values.index, name="sex", dtype=object if missing.any() else None)
 
@@ -237,7 +237,8 @@ def _pick(names, mask) -> list[str]:
     return [n for n, m in zip(names, mask) if m]
 
 
-def _listing(items) -> str:
+def format_listing(items) -> str:
+    """``"a, b, c and 4 more"``: at most ten items of a list, for error messages."""
     items = [str(i) for i in items]
     shown = ", ".join(items[:_MAX_LISTED])
     more = len(items) - _MAX_LISTED
@@ -262,7 +263,7 @@ def split_groups(df: pd.DataFrame, control_labels=("control", "hc", "healthy")):
         )
     missing = _is_missing(df["group"])
     if missing.any():
-        subjects = _listing(_pick(_subject_names(df), missing))
+        subjects = format_listing(_pick(subject_names(df), missing))
         raise ValueError(f"{where}: column 'group' has missing values for {subjects}")
     labels = {str(label).strip().lower() for label in control_labels}
     is_control = df["group"].map(lambda v: str(v).strip().lower() in labels).to_numpy(dtype=bool)

@@ -34,7 +34,7 @@ from scipy.special import ndtr, ndtri
 
 from . import __version__
 from .basis import DesignSpec
-from .cohort import validate_covariates
+from .cohort import format_listing, subject_names, validate_covariates
 from .metrics import explained_variance, msll, pearson_rho, r2_score, smse, z_calibration
 from .modelio import load_model_file, save_model_file
 from .parallel import parallel_map
@@ -163,7 +163,7 @@ class NormativeModel:
         self.y_mean_, self.y_sd_ = _column_mean_sd(Y, self.chunk_size)
         constant = self.y_sd_ <= _TINY * np.maximum(1.0, np.abs(self.y_mean_))
         if constant.any():
-            names = _response_labels(np.flatnonzero(constant), response_names)
+            names = format_listing(np.asarray(response_names or range(n_responses), dtype=object)[constant])
             raise ValueError(f"Y has no variance across controls for response(s) {names}; nothing to model")
         Psi = design.variance_design(covariates) if self.heteroskedastic else None
 
@@ -513,10 +513,9 @@ class NormativeModel:
     def _check_sites(self, covariates):
         unknown = sorted(set(covariates["site"].astype(str)) - set(self.sites_))
         if unknown:
-            rows = covariates["site"].astype(str).isin(unknown)
-            subjects = _subject_labels(covariates)[rows.to_numpy()]
+            rows = covariates["site"].astype(str).isin(unknown).to_numpy()
             raise ValueError(
-                f"site(s) {unknown} (subjects {', '.join(subjects[:5])}{', ...' if len(subjects) > 5 else ''}) "
+                f"site(s) {unknown} (subjects {_subjects_where(covariates, rows)}) "
                 f"are unknown to the model, which knows sites {self.sites_}; adapt the model to the new site "
                 "with some of its controls (NormativeModel.adapt, or `neuroatrophy adapt`)"
             )
@@ -526,9 +525,8 @@ class NormativeModel:
         age = covariates["age"].to_numpy(dtype=float)
         outside = (age < lo) | (age > hi)
         if outside.any():
-            subjects = _subject_labels(covariates)[outside]
             warnings.warn(
-                f"{outside.sum()} subject(s) ({', '.join(subjects[:5])}{', ...' if len(subjects) > 5 else ''}) "
+                f"{outside.sum()} subject(s) ({_subjects_where(covariates, outside)}) "
                 f"have ages outside the training range [{lo:.1f}, {hi:.1f}] years: predictions extrapolate",
                 ExtrapolationWarning,
                 stacklevel=3,
@@ -723,15 +721,9 @@ def _progress_reporter(progress, n_chunks, message):
     return report
 
 
-def _subject_labels(covariates) -> np.ndarray:
-    if "subject_id" in covariates.columns:
-        return covariates["subject_id"].astype(str).to_numpy()
-    return np.asarray([f"row {i}" for i in range(len(covariates))], dtype=object)
-
-
-def _response_labels(indices, names) -> str:
-    labels = [names[i] if names is not None else str(i) for i in indices[:10]]
-    return ", ".join(labels) + (", ..." if len(indices) > 10 else "")
+def _subjects_where(covariates, rows) -> str:
+    """The subjects of the selected rows, listed for a message."""
+    return format_listing([name for name, keep in zip(subject_names(covariates), rows) if keep])
 
 
 def _column_mean_sd(Y, chunk_size):
@@ -761,11 +753,7 @@ def _as_response_matrix(Y, name, n_rows, covariates, n_columns=None) -> np.ndarr
         )
     bad = ~np.isfinite(Y).all(axis=1)
     if bad.any():
-        subjects = _subject_labels(covariates)[bad]
-        raise ValueError(
-            f"{name} has NaN or infinite values for subject(s) {', '.join(subjects[:5])}"
-            f"{', ...' if len(subjects) > 5 else ''}"
-        )
+        raise ValueError(f"{name} has NaN or infinite values for subject(s) {_subjects_where(covariates, bad)}")
     return Y
 
 
