@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .surface import TEMPLATE_VERTICES, template_from_n_vertices
+from .surface import TEMPLATE_VERTICES, match_vertex_count
 
 __all__ = [
     "read_surface_data",
@@ -362,14 +362,10 @@ def _read_checked(path: Path, subject_id: str, n_per_hemi: int, template: str, m
 
 
 def _count_hint(n: int) -> str:
-    try:
-        return f" ({n} is the per-hemisphere count of {template_from_n_vertices(n)})"
-    except ValueError:
-        pass
-    if n % 2 == 0:
-        try:
-            name = template_from_n_vertices(n // 2)
-            return f" ({n} is the count of both hemispheres of {name}; give one file per hemisphere)"
-        except ValueError:
-            pass
-    return " (no fsaverage template has this count)"
+    match = match_vertex_count(n)
+    if match is None:
+        return " (no fsaverage template has this count)"
+    template, part = match
+    if part == "hemisphere":
+        return f" ({n} is the per-hemisphere count of {template})"
+    return f" ({n} is the count of both hemispheres of {template}; give one file per hemisphere)"

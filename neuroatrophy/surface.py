@@ -18,6 +18,7 @@ __all__ = [
     "TEMPLATE_VERTICES",
     "DK_NAMES",
     "template_from_n_vertices",
+    "match_vertex_count",
     "Surface",
     "load_fsaverage5",
     "template_thickness",
@@ -74,6 +75,24 @@ def template_from_n_vertices(n_per_hemi: int) -> str:
             return name
     known = ", ".join(f"{name} ({count})" for name, count in TEMPLATE_VERTICES.items())
     raise ValueError(f"No fsaverage template has {n_per_hemi} vertices per hemisphere; known: {known}")
+
+
+def match_vertex_count(n: int):
+    """Which fsaverage template a vertex count belongs to, for error messages.
+
+    Returns ``(template, "hemisphere")`` when ``n`` is one hemisphere of a template,
+    ``(template, "both")`` when it is both hemispheres, else None.
+    """
+    try:
+        return template_from_n_vertices(n), "hemisphere"
+    except ValueError:
+        pass
+    if n % 2 == 0:
+        try:
+            return template_from_n_vertices(n // 2), "both"
+        except ValueError:
+            pass
+    return None
 
 
 @dataclass(frozen=True, eq=False)

@@ -22,7 +22,7 @@ from .cohort import validate_covariates
 from .modelio import load_model_file, save_model_file
 from .normative import ExtrapolationWarning, NormativeModel
 from .parallel import scaled_progress
-from .surface import TEMPLATE_VERTICES, dk_atlas, load_fsaverage5
+from .surface import TEMPLATE_VERTICES, dk_atlas, load_fsaverage5, match_vertex_count
 
 __all__ = ["CorticalThicknessModel", "PatientMap", "regional_means"]
 
@@ -283,9 +283,10 @@ class CorticalThicknessModel:
 
 def _template_hint(n: int) -> str:
     """Say which template a vertex count belongs to, if any."""
-    for template, per_hemi in TEMPLATE_VERTICES.items():
-        if n == 2 * per_hemi:
-            return f" (both hemispheres of {template})"
-        if n == per_hemi:
-            return f" (one hemisphere of {template}: give left then right)"
-    return ""
+    match = match_vertex_count(n)
+    if match is None:
+        return ""
+    template, part = match
+    if part == "both":
+        return f" (both hemispheres of {template})"
+    return f" (one hemisphere of {template}: give left then right)"
