@@ -186,6 +186,139 @@ def cmd_demo(args, reporter) -> int:
     return 0
 
 
+def cmd_connectome_build(args, reporter) -> int:
+    from .connectome import build_connectome
+
+    bandpass = None if args.bandpass is None else tuple(None if b <= 0 else b for b in args.bandpass)
+    store = build_connectome(args.out, args.runs, space=args.space, dtype=args.dtype,
+                             global_signal=args.global_signal, bandpass=bandpass, tr=args.tr,
+                             confound_columns=args.confound_columns, mask_img=args.mask,
+                             base_dir=Path(args.runs).resolve().parent, progress=reporter.progress)
+    reporter.info(json.dumps(_jsonable(store.info()), indent=2))
+    return 0
+
+
+def cmd_connectome_info(args, reporter) -> int:
+    from .connectome import ConnectomeStore
+
+    info = ConnectomeStore.open(args.connectome).info()
+    info["subjects"] = ConnectomeStore.open(args.connectome).subject_ids
+    print(json.dumps(_jsonable(info), indent=2))
+    return 0
+
+
+def cmd_network(args, reporter) -> int:
+    from .connectome import ConnectomeStore
+    from .network import atrophy_seeds
+    from .network_analysis import analyse_networks
+    from .parallel import scaled_progress
+    from .thickness_model import CorticalThicknessModel
+
+    store = ConnectomeStore.open(args.connectome, mmap=True)
+    model = CorticalThicknessModel.load(args.model)
+    cohort, Y = _load_cohort(args, reporter, None if args.subject else "patients")
+    reporter.progress(0.02, f"atrophy maps of {len(cohort)} patients")
+    maps = model.patient_maps(Y, cohort, threshold=args.threshold, min_cluster_size=args.min_cluster_size)
+    seeds, names = atrophy_seeds(maps, weighting=args.weighting)
+    targets = _targets_from_args(args)
+    reporter.info(f"mapping {len(names)} atrophy networks in {store!r}")
+    analysis = analyse_networks(
+        store, seeds, names, targets=targets, threshold=_t_threshold_arg(args.t_threshold),
+        n_null=args.n_null, null_method=args.null_method, convergence_fraction=args.convergence,
+        engine=args.engine, device=args.device, n_jobs=args.n_jobs, seed=args.seed,
+        progress=scaled_progress(reporter.progress, 0.05, 0.97),
+    )
+    analysis.options.update({"atrophy_threshold": args.threshold, "min_cluster_size": args.min_cluster_size,
+                             "weighting": args.weighting, "model": str(args.model)})
+    analysis.save(args.out, grid=store.mask())
+    reporter.progress(1.0, f"wrote {len(names)} atrophy networks to {args.out}")
+    return 0
+
+
+def _t_threshold_arg(value):
+    if value == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--t-threshold must be 'auto' or a number, got {value!r}") from None
+
+
+def _targets_from_args(args):
+    from .targets import get_target, standard_targets, targets_from_table
+
+    if not args.targets or args.targets == ["standard"]:
+        return standard_targets()
+    if args.targets == ["none"]:
+        return []
+    chosen = []
+    for item in args.targets:
+        chosen.extend(targets_from_table(item) if Path(item).suffix.lower() in (".csv", ".tsv", ".txt")
+                      else [get_target(item)])
+    return chosen
+
+
+def cmd_targets(args, reporter) -> int:
+    from .io import atomic_write
+    from .targets import standard_targets, targets_table
+
+    table = targets_table(standard_targets())
+    if args.out:
+        with atomic_write(args.out) as tmp:
+            table.to_csv(tmp, index=False)
+        reporter.info(f"wrote {len(table)} standard targets to {args.out}")
+    else:
+        with pd.option_context("display.max_colwidth", 60, "display.width", 200):
+            print(table[["name", "x", "y", "z", "radius_mm", "indication", "citation"]].to_string(index=False))
+    return 0
+
+
+def cmd_outcome(args, reporter) -> int:
+    from .cohort import read_cohort
+    from .io import atomic_write
+    from .outcome import target_outcome_analysis
+    from .plotting import target_outcome_figure
+
+    connectivity = _read_connectivity(args.connectivity)
+    cohort = read_cohort(args.cohort)
+    reporter.progress(0.1, f"{args.n_permutations} permutations for {connectivity.shape[1]} targets")
+    results = target_outcome_analysis(connectivity, cohort, args.outcome, covariates=args.covariates or (),
+                                      n_permutations=args.n_permutations, seed=args.seed, method=args.method)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "target_outcome.csv") as tmp:
+        results.to_csv(tmp, index=False)
+    outcome = cohort.set_index("subject_id").loc[connectivity.index, args.outcome]
+    for k, row in results.iterrows():
+        target = row["target"]
+        target_outcome_figure(connectivity[target].to_numpy(), outcome.to_numpy(float), row.to_dict(),
+                              out / f"outcome_{_safe_name(target)}.png", target_name=target,
+                              outcome_name=args.outcome)
+        reporter.progress(0.5 + 0.5 * (k + 1) / len(results), f"figure for {target}")
+    best = results.sort_values("p_permutation").iloc[0]
+    reporter.info(f"strongest association: {best['target']} r = {best['r']:+.3f}, "
+                  f"permutation p = {best['p_permutation']:.4f} (FWE over targets {best['p_fwe']:.4f})")
+    return 0
+
+
+def _read_connectivity(path):
+    path = Path(path)
+    if path.is_dir():
+        path = path / "target_connectivity.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"Target connectivity table not found: {path}")
+    table = pd.read_csv(path, dtype={"subject_id": str})
+    if "subject_id" not in table.columns:
+        raise ValueError(f"{path} has no subject_id column")
+    return table.set_index("subject_id")
+
+
+def _safe_name(name):
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
+
+
 # ---------------------------------------------------------------- helpers
 def _holdout_split(n, fraction, seed):
     if not 0 <= fraction < 1:
@@ -294,6 +427,65 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("info", help="describe a model file"), cohort=False)
     p.add_argument("--model", required=True)
     p.set_defaults(func=cmd_info)
+
+    p = common(sub.add_parser("connectome", help="build or describe a normative resting-state connectome"),
+               cohort=False)
+    csub = p.add_subparsers(dest="connectome_command", required=True)
+    b = common(csub.add_parser("build", help="build (resume, extend) a connectome store from a runs table"),
+               cohort=False)
+    b.add_argument("--runs", required=True,
+                   help="runs table (CSV/TSV): subject_id, lh_file, rh_file (fsaverage5) or volume_file "
+                        "(MNI152-2mm), optional confounds_file; paths relative to the table")
+    b.add_argument("--out", required=True, help="connectome folder (created, or resumed/extended)")
+    b.add_argument("--space", choices=["fsaverage5", "MNI152-2mm"], default="fsaverage5")
+    b.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    b.add_argument("--global-signal", action="store_true", help="regress the global signal")
+    b.add_argument("--bandpass", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="band-pass in Hz (0 for no bound), e.g. 0.01 0.1; needs --tr")
+    b.add_argument("--tr", type=float, default=None, help="repetition time in seconds")
+    b.add_argument("--confound-columns", nargs="*", default=None, help="confound columns to use (tables with a header)")
+    b.add_argument("--mask", default=None, help="grey-matter mask NIfTI for MNI152-2mm (default nilearn's)")
+    b.set_defaults(func=cmd_connectome_build)
+    i = common(csub.add_parser("info", help="describe a connectome store"), cohort=False)
+    i.add_argument("--connectome", required=True)
+    i.set_defaults(func=cmd_connectome_info)
+
+    p = common(sub.add_parser("network", help="atrophy networks of a cohort's patients in a connectome"))
+    p.add_argument("--model", required=True, help="normative model file")
+    p.add_argument("--connectome", required=True, help="connectome folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--subject", nargs="*", help="patients to analyse (default: all non-control subjects)")
+    p.add_argument("--threshold", type=float, default=-1.96, help="z threshold of atrophy (default -1.96)")
+    p.add_argument("--min-cluster-size", type=int, default=20, help="minimum atrophic cluster size (default 20)")
+    p.add_argument("--weighting", choices=["binary", "abs_z"], default="binary",
+                   help="seed weights: atrophic mask, or |z| on atrophic vertices")
+    p.add_argument("--t-threshold", default="auto", help="|t| threshold of networks ('auto': Bonferroni p<0.05)")
+    p.add_argument("--n-null", type=int, default=20, help="matched random seeds per patient (0: no specificity)")
+    p.add_argument("--null-method", choices=["grow", "spin"], default="grow")
+    p.add_argument("--convergence", type=float, default=0.75, help="fraction of patients for convergent regions")
+    p.add_argument("--targets", nargs="*", default=["standard"],
+                   help="'standard', 'none', target names, or a CSV of name,x,y,z[,radius_mm]")
+    p.add_argument("--engine", choices=["auto", "numpy", "torch"], default="auto")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--n-jobs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_network)
+
+    p = common(sub.add_parser("targets", help="list the standard rTMS targets with citations"), cohort=False)
+    p.add_argument("--out", default=None, help="write them to a CSV instead of printing")
+    p.set_defaults(func=cmd_targets)
+
+    p = common(sub.add_parser("outcome", help="target connectivity against treatment outcome"), cohort=False)
+    p.add_argument("--connectivity", required=True,
+                   help="target_connectivity.csv from 'neuroatrophy network' (or its folder)")
+    p.add_argument("--cohort", required=True, help="cohort table with the outcome column")
+    p.add_argument("--outcome", required=True, help="outcome column (e.g. symptom change)")
+    p.add_argument("--covariates", nargs="*", default=None, help="covariate columns (e.g. age sex)")
+    p.add_argument("--method", choices=["pearson", "spearman"], default="pearson")
+    p.add_argument("--n-permutations", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (table and one figure per target)")
+    p.set_defaults(func=cmd_outcome)
 
     p = common(sub.add_parser("demo", help="run the demo on a synthetic cohort built from fsaverage5"), cohort=False)
     p.add_argument("--out", default="demo-output")

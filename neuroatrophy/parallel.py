@@ -48,6 +48,7 @@ def parallel_map(
     backend: str | None = None,
     prefer: str = "threads",
     on_result: Callable[[int, object], None] | None = None,
+    collect: bool = True,
 ) -> list:
     """Apply ``func`` to every item, in parallel, and return the results in order.
 
@@ -68,6 +69,9 @@ def parallel_map(
     on_result : callable, optional
         Called in the calling thread as ``on_result(index, result)`` when each result is in,
         in order; it may raise :class:`Cancelled` to stop the remaining work.
+    collect : bool
+        Keep and return the results (default). ``False`` drops each result after
+        ``on_result`` has seen it (a streaming reduction) and returns an empty list.
     """
     items = list(items)
     backend = backend or os.environ.get("NEUROATROPHY_BACKEND", "joblib")
@@ -78,23 +82,24 @@ def parallel_map(
         raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
 
     if backend == "sequential" or n_jobs == 1 or len(items) <= 1:
-        results = _run_sequential(func, items, on_result)
+        results = _run_sequential(func, items, on_result, collect)
     else:
-        results = _run_joblib(func, items, n_jobs, backend, prefer, on_result)
+        results = _run_joblib(func, items, n_jobs, backend, prefer, on_result, collect)
     return results
 
 
-def _run_sequential(func: Callable, items: Sequence, on_result) -> list:
+def _run_sequential(func: Callable, items: Sequence, on_result, collect=True) -> list:
     results = []
     for index, item in enumerate(items):
         result = func(item)
-        results.append(result)
+        if collect:
+            results.append(result)
         if on_result is not None:
             on_result(index, result)
     return results
 
 
-def _run_joblib(func, items, n_jobs, backend, prefer, on_result) -> list:
+def _run_joblib(func, items, n_jobs, backend, prefer, on_result, collect=True) -> list:
     import joblib
 
     if backend == "dask":
@@ -108,7 +113,8 @@ def _run_joblib(func, items, n_jobs, backend, prefer, on_result) -> list:
         generator = parallel(joblib.delayed(func)(item) for item in items)
         try:
             for index, result in enumerate(generator):
-                results.append(result)
+                if collect:
+                    results.append(result)
                 if on_result is not None:
                     on_result(index, result)
         finally:

@@ -34,6 +34,7 @@ __all__ = [
     "plot_calibration",
     "plot_regional_bars",
     "plot_group_overlap",
+    "target_outcome_figure",
 ]
 
 _DPI = 120
@@ -432,3 +433,70 @@ def _column_label(column: str) -> str:
         "regional_z": "z-score of regional mean thickness",
         "min_z": "lowest vertex z-score in region",
     }.get(column, column)
+
+
+# ----------------------------------------------------------- target vs outcome
+def target_outcome_figure(connectivity, outcome, results_row_or_dict, path, target_name="target",
+                          outcome_name="outcome", xlabel=None):
+    """Scatter plot of outcome against connectivity to one target, with the fitted line.
+
+    Parameters
+    ----------
+    connectivity, outcome : array_like of shape (n,)
+        One value per patient (e.g. a column of the connectivity table and the
+        matching outcome values).
+    results_row_or_dict : dict or pandas.Series
+        The target's results (a row of ``outcome.target_outcome_analysis`` or the dict
+        of ``outcome.association``): ``r`` and ``p_permutation`` are shown in the
+        title, with ``p_fwe`` and the covariate-adjusted ``partial_r`` and
+        ``p_permutation_adjusted`` when present.
+    path : str or path-like
+        Output PNG file.
+    target_name, outcome_name : str
+        Names used in the title and axis labels.
+    xlabel : str, optional
+        x-axis label (default: "Connectivity with <target_name>").
+
+    Returns
+    -------
+    Path
+    """
+    from .outcome import fit_line
+
+    results = dict(results_row_or_dict)
+    for key in ("r", "p_permutation"):
+        if key not in results:
+            raise ValueError(f"results_row_or_dict has no {key!r}; keys: {', '.join(map(str, results))}")
+    x = np.asarray(connectivity, dtype=float)
+    y = np.asarray(outcome, dtype=float)
+    line = fit_line(x, y)
+
+    fig = Figure(figsize=(6.4, 5.0))
+    ax = fig.add_subplot()
+    ax.fill_between(line["x"], line["lower"], line["upper"], color="tab:blue", alpha=0.2, linewidth=0,
+                    label=f"{100 * line['level']:.0f} % confidence band")
+    ax.plot(line["x"], line["y"], color="navy", linewidth=2, label="least-squares line")
+    ax.scatter(x, y, s=28, color="tab:orange", edgecolors="black", linewidths=0.5, zorder=3,
+               label=f"patients (n = {len(x)})")
+    ax.set_xlabel(xlabel or f"Connectivity with {target_name}")
+    ax.set_ylabel(outcome_name)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    symbol = "rho" if results.get("method") == "spearman" else "r"
+    title = f"{target_name}: {symbol} = {results['r']:.2f}, permutation p = {_format_p(results['p_permutation'])}"
+    details = []
+    if "p_fwe" in results and np.isfinite(results["p_fwe"]):
+        details.append(f"FWE-corrected p = {_format_p(results['p_fwe'])}")
+    if "partial_r" in results and "p_permutation_adjusted" in results:
+        details.append(f"adjusted: partial r = {results['partial_r']:.2f}, "
+                       f"p = {_format_p(results['p_permutation_adjusted'])}")
+    ax.set_title(title + ("\n" + "; ".join(details) if details else ""), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _format_p(p) -> str:
+    p = float(p)
+    if not np.isfinite(p):
+        return "n/a"
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
