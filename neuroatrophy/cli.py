@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=["binary", "abs_z"], default="binary",
                    help="seed weights: atrophic mask, or |z| on atrophic vertices")
     p.add_argument("--t-threshold", default="auto", help="|t| threshold of networks ('auto': Bonferroni p<0.05)")
-    p.add_argument("--n-null", type=int, default=20, help="matched random seeds per patient (0: no specificity)")
+    p.add_argument("--n-null", type=int, default=40,
+                   help="matched random seeds per patient for specificity (default 40; 0: none; >= 20 for p<0.05)")
     p.add_argument("--null-method", choices=["grow", "spin"], default="grow")
     p.add_argument("--convergence", type=float, default=0.75, help="fraction of patients for convergent regions")
     p.add_argument("--targets", nargs="*", default=["standard"],

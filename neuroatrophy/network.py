@@ -332,8 +332,8 @@ class _TorchKernel:
 
 def reference_seed_maps(store, seeds, names=None) -> SeedMaps:
     """The straightforward computation, for tests and benchmarks: per seed and per subject,
-    ``numpy.corrcoef`` of the seed's weighted mean time series with every node (float64).
-    Slow: O(K · N) separate correlation passes."""
+    the Pearson correlation (textbook formula, float64) of the seed's weighted mean time
+    series with every node. Slow: O(K · N) separate correlation passes."""
     weights, names = _check_seeds(seeds, names, store.n_nodes)
     k, v, n = len(names), store.n_nodes, len(store)
     fz = np.zeros((n, k, v))
@@ -344,13 +344,20 @@ def reference_seed_maps(store, seeds, names=None) -> SeedMaps:
         for j in range(k):
             seed_series = data @ weights[:, j].astype(np.float64)
             r = np.zeros(v)
-            r[signal] = np.corrcoef(seed_series, data[:, signal], rowvar=False)[0, 1:]
+            r[signal] = _pearson(seed_series, data[:, signal])
             r_sum[j] += r
             fz[s, j] = fisher_z(r)
     mean_z = fz.mean(axis=0)
     t = stats.ttest_1samp(fz, 0.0, axis=0).statistic if n > 1 else np.full((k, v), np.nan)
     return SeedMaps(names, mean_z, r_sum / n, t, np.full((k, k), np.nan), np.zeros(v), n, store.space,
                     {"engine": "reference"})
+
+
+def _pearson(x, y):
+    """Pearson r of a series ``x`` (T,) with every column of ``y`` (T, n)."""
+    x = x - x.mean()
+    y = y - y.mean(axis=0)
+    return (x @ y) / np.sqrt((x @ x) * (y * y).sum(axis=0))
 
 
 # --------------------------------------------------------------------------- seeds

@@ -192,7 +192,7 @@ def surface_to_store(values, store, max_distance_mm=3.0) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the analysis
-def analyse_networks(store, seeds, names, targets=None, threshold="auto", alpha=0.05, n_null=20,
+def analyse_networks(store, seeds, names, targets=None, threshold="auto", alpha=0.05, n_null=40,
                      null_method="grow", convergence_fraction=0.75, engine="auto", device="cpu", n_jobs=1,
                      backend=None, seed=0, progress=None) -> NetworkAnalysis:
     """Atrophy networks of K patients in a connectome, with convergence, specificity and targets.
@@ -210,7 +210,9 @@ def analyse_networks(store, seeds, names, targets=None, threshold="auto", alpha=
     threshold : "auto" or float
         |t| threshold of the networks (``"auto"``: Bonferroni, see :func:`~neuroatrophy.network.t_threshold`).
     n_null : int
-        Random seeds per patient for the specificity null (0 skips it).
+        Random seeds per patient for the specificity null (0 skips it). A vertex is
+        specific when fewer than ``alpha`` of the nulls reach its t, which needs at
+        more than ``1 / alpha - 1`` nulls (20 for 0.05); the default 40 gives p down to 0.024.
     null_method : {"grow", "spin"}
         Matched random clusters grown on the mesh, or spun maps (surface only).
     convergence_fraction : float
@@ -225,6 +227,9 @@ def analyse_networks(store, seeds, names, targets=None, threshold="auto", alpha=
 
     targets = standard_targets() if targets is None else list(targets)
     names = [str(n) for n in names]
+    if n_null and (1.0 / (1 + n_null)) >= alpha:
+        raise ValueError(f"n_null={n_null} random seeds cannot give a vertex p < alpha={alpha}; "
+                         f"use n_null >= {int(np.floor(1 / alpha - 1)) + 1} (or 0 to skip the specificity null)")
     patient_seeds = surface_to_store(seeds, store)
     _check_patient_seeds(patient_seeds, names, store)
     valid = store.valid
