@@ -261,8 +261,12 @@ def test_read_ground_truth_errors(tmp_path):
 # ------------------------------------------------------------------- the whole demo
 def test_run_demo_writes_everything(tmp_path):
     messages = []
-    result = run_demo(tmp_path / "demo", n_controls=60, n_patients=3, seed=1,
-                      progress=lambda fraction, message: messages.append((fraction, message)))
+    # Small network half: 6 connectome subjects x 60 volumes, 20 nulls, and a strong outcome effect
+    # (true r 0.8) so that 24 patients recover its sign for certain.
+    result = run_demo(tmp_path / "demo", n_controls=60, n_patients=24, seed=1,
+                      progress=lambda fraction, message: messages.append((fraction, message)),
+                      network_options={"n_subjects": 6, "n_timepoints": 60, "n_null": 20,
+                                       "n_permutations": 999, "true_r": 0.8})
     out = tmp_path / "demo"
     results = out / "results"
     fractions = [f for f, _ in messages]
@@ -272,7 +276,7 @@ def test_run_demo_writes_everything(tmp_path):
     for name in ("summary.csv", "fit_quality.csv", "calibration.json", "model.npz"):
         assert (results / name).is_file(), name
     summary = pd.read_csv(results / "summary.csv")
-    assert summary["subject_id"].tolist() == ["sub-P0001", "sub-P0002", "sub-P0003"]
+    assert summary["subject_id"].tolist() == [f"sub-P{k:04d}" for k in range(1, 25)]
     for column in ("n_atrophic", "sensitivity", "specificity", "dice", "top_regions", "true_regions"):
         assert column in summary.columns
     assert summary["sensitivity"].between(0, 1).all() and (summary["specificity"] > 0.9).all()
@@ -285,11 +289,11 @@ def test_run_demo_writes_everything(tmp_path):
     assert calibration["detection"]["mean_sensitivity"] == pytest.approx(summary["sensitivity"].mean())
     assert sorted(p.name for p in (results / "maps").iterdir()) == sorted(
         f"{s}.{h}.z.fsaverage5.mgh" for s in summary["subject_id"] for h in ("lh", "rh"))
-    assert len(list((results / "regions").glob("*.csv"))) == 3
+    assert len(list((results / "regions").glob("*.csv"))) == 24
 
     for path in result["paths"]["figures"].values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["n_train"] == 48 and result["n_test"] == 12 and result["n_patients"] == 3
+    assert result["n_train"] == 48 and result["n_test"] == 12 and result["n_patients"] == 24
     assert set(result["detection"]) >= {"mean_sensitivity", "mean_specificity", "pooled_dice"}
     json.dumps(result)  # the CLI prints it
 
@@ -312,6 +316,17 @@ def test_run_demo_writes_everything(tmp_path):
     assert mrml.array_from_model_scalars(model_node, "atrophic").sum() == summary.loc[0, "n_atrophic"]
     assert scene.GetFirstNodeByClass("vtkMRMLPlotChartNode") is not None
     assert scene.GetFirstNodeByClass("vtkMRMLTableNode") is not None
+
+    # The network half: the real run's DLPFC seed map, networks, the outcome and its recovery.
+    networks = result["networks"]
+    assert -0.6 < networks["real_run"]["r_min"] < -0.3 and 0.85 < networks["real_run"]["r_max"] < 1.0
+    assert networks["connectome"]["group_fc_vs_hcp_r"]["simulated"] > 0.8
+    assert networks["outcome"]["recovered_r"] > 0.5 and networks["outcome"]["p_permutation"] < 0.01
+    cohort_table = pd.read_csv(out / "cohort.csv")
+    assert cohort_table["rtms_improvement"].notna().sum() == 24
+    for name in ("networks/network_analysis.json", "networks/networks.csv", "networks/target_connectivity.csv",
+                 "outcome/target_outcome.csv", "outcome/outcome_DLPFC_F3.png", "network_demo.json"):
+        assert (results / name).is_file(), name
 
 
 def test_run_demo_rejects_too_few_controls(tmp_path):

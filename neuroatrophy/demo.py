@@ -568,7 +568,8 @@ _MIN_CLUSTER_SIZE = 20
 _TOP_REGIONS = 3
 
 
-def run_demo(out_dir, n_controls: int = 600, n_patients: int = 60, seed: int = 0, progress=None) -> dict:
+def run_demo(out_dir, n_controls: int = 600, n_patients: int = 60, seed: int = 0, progress=None,
+             network_options: dict | None = None) -> dict:
     """The end-to-end demo: synthetic cohort, normative model, atrophy maps, checks against the truth.
 
     Steps: simulate a cohort (:func:`make_demo_cohort`) and write it
@@ -599,6 +600,9 @@ def run_demo(out_dir, n_controls: int = 600, n_patients: int = 60, seed: int = 0
         Seed of the cohort and of the train/test split.
     progress : callable, optional
         ``progress(fraction, message)``; by default progress lines are printed.
+    network_options : dict, optional
+        Options of the atrophy-network half (:func:`neuroatrophy.demo_network.run_network_demo`:
+        ``n_subjects``, ``n_timepoints``, ``n_null``, ``n_permutations``, ``true_r``).
 
     Returns
     -------
@@ -610,6 +614,7 @@ def run_demo(out_dir, n_controls: int = 600, n_patients: int = 60, seed: int = 0
     """
     from .atrophy import detection_rates
     from .cohort import read_cohort, split_groups
+    from .demo_network import run_network_demo
     from .io import atomic_write, load_cohort_surface_data
     from .parallel import scaled_progress
     from .thickness_model import CorticalThicknessModel
@@ -618,7 +623,9 @@ def run_demo(out_dir, n_controls: int = 600, n_patients: int = 60, seed: int = 0
         raise ValueError(f"n_controls must be an integer >= 50 for the demo, got {n_controls!r}")
     if int(n_patients) != n_patients or n_patients < 1:
         raise ValueError(f"n_patients must be an integer >= 1 for the demo, got {n_patients!r}")
-    report = progress if progress is not None else _print_progress
+    report_all = progress if progress is not None else _print_progress
+    # The normative half reports 0-50 %, the network half (demo_network) 50-100 %.
+    report = scaled_progress(report_all, 0.0, 0.5)
     started = time.perf_counter()
     out_dir = Path(out_dir)
     results = out_dir / "results"
@@ -691,6 +698,9 @@ def run_demo(out_dir, n_controls: int = 600, n_patients: int = 60, seed: int = 0
     scene_path, scene_message = _demo_scene(model, maps[0], results / "scene" / "NeuroAtrophyDemo.mrml")
     report(0.95, scene_message)
 
+    networks = run_network_demo(out_dir, maps, truth["true_atrophy"], truth["patient_ids"], seed=seed,
+                                report=scaled_progress(report_all, 0.5, 1.0), **(network_options or {}))
+
     seconds = time.perf_counter() - started
     outcome = {
         "paths": {
@@ -714,13 +724,17 @@ def run_demo(out_dir, n_controls: int = 600, n_patients: int = 60, seed: int = 0
         "truth_agreement": agreement,
         "detection": detection,
         "scene_written": scene_path is not None,
+        "networks": networks,
         "seconds": round(seconds, 1),
     }
-    report(1.0, (
+    report_all(1.0, (
         f"done in {seconds:.0f} s: held-out z mean {calibration['z_mean']:.3f}, SD {calibration['z_sd']:.3f}, "
         f"{100 * calibration['frac_beyond_1.96']:.1f} % beyond 1.96; patients' true atrophy found with mean "
         f"sensitivity {detection['mean_sensitivity']:.2f}, specificity {detection['mean_specificity']:.3f}, "
-        f"Dice {detection['mean_dice']:.2f}. Results in {results}"
+        f"Dice {detection['mean_dice']:.2f}; rTMS outcome vs {networks['outcome']['target']} connectivity of the "
+        f"atrophy networks: r = {networks['outcome']['recovered_r']:+.2f} (simulated with r = "
+        f"{networks['outcome']['true_r']:+.2f}), permutation p = {networks['outcome']['p_permutation']:.4f}. "
+        f"Results in {results}"
     ))
     return outcome
 
