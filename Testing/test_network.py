@@ -225,6 +225,8 @@ def test_analysis_pipeline_round_trip_and_specificity(tmp_path, structured_store
     loaded = NetworkAnalysis.load(tmp_path / "out")
     assert loaded.patients == ["p1", "p2", "p3"]
     assert np.array_equal(loaded.networks.positive, analysis.networks.positive)
+    assert np.array_equal(loaded.specific_negative, analysis.specific_negative)
+    assert np.array_equal(loaded.specific_convergence("positive"), analysis.specific_convergence("positive"))
     assert np.allclose(loaded.target_connectivity.to_numpy(), analysis.target_connectivity.to_numpy())
     assert (tmp_path / "out" / "maps" / "lh.p1_t.mgh").is_file()
     assert (tmp_path / "out" / "convergent_regions.csv").is_file()

@@ -247,14 +247,22 @@ def _t_threshold_arg(value):
 def _targets_from_args(args):
     from .targets import get_target, standard_targets, targets_from_table
 
-    if not args.targets or args.targets == ["standard"]:
+    if not args.targets:
         return standard_targets()
     if args.targets == ["none"]:
         return []
     chosen = []
     for item in args.targets:
-        chosen.extend(targets_from_table(item) if Path(item).suffix.lower() in (".csv", ".tsv", ".txt")
-                      else [get_target(item)])
+        if item == "standard":
+            chosen.extend(standard_targets())
+        elif Path(item).suffix.lower() in (".csv", ".tsv", ".txt"):
+            chosen.extend(targets_from_table(item))
+        else:
+            chosen.append(get_target(item))
+    names = [t.name for t in chosen]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"--targets: target name(s) {duplicated} given more than once")
     return chosen
 
 

@@ -34,13 +34,16 @@ __all__ = [
     "table_from_dataframe",
     "dataframe_from_table",
     "add_plot",
+    "add_plot_series",
     "centile_plot",
     "add_volume",
     "array_from_volume",
     "ijk_to_ras_from_volume",
     "volume_from_nifti",
+    "set_volume_display",
     "add_markups_points",
     "points_from_markups",
+    "remove_nodes",
     "save_scene",
     "load_scene",
 ]
@@ -810,6 +813,63 @@ def add_plot(
     return chart
 
 
+def add_plot_series(
+    scene,
+    chart_node,
+    table_node,
+    x_column,
+    y_column,
+    name,
+    plot_type="Line",
+    line_style=None,
+    color=None,
+    marker_style=None,
+):
+    """Add one series to an existing chart, e.g. a fitted line over a scatter plot.
+
+    The series may come from another table than the chart's other series, so a
+    line sampled on a regular grid can be drawn over the data points.
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+        Scene holding ``chart_node`` and ``table_node``.
+    chart_node : vtkMRMLPlotChartNode
+        Chart to add the series to (e.g. made by :func:`add_plot`).
+    table_node : vtkMRMLTableNode
+        Table with the series' data.
+    x_column, y_column : str
+        Numeric columns of ``table_node``.
+    name : str
+        Series name (shown in the legend).
+    plot_type : {"Line", "Scatter"}, default "Line"
+    line_style, marker_style, color :
+        As one entry of the per-series styles of :func:`add_plot`.
+
+    Returns
+    -------
+    vtkMRMLPlotSeriesNode
+
+    Raises
+    ------
+    ValueError
+        If a node is not in the scene, a column is missing or not numeric, or a
+        style is unknown.
+    """
+    _check_scene(scene)
+    _check_name(name)
+    _check_node(chart_node, "vtkMRMLPlotChartNode", "chart_node")
+    _check_node(table_node, "vtkMRMLTableNode", "table_node")
+    for node, param in ((chart_node, "chart_node"), (table_node, "table_node")):
+        if not scene.IsNodePresent(node):
+            raise ValueError(f"{param} {node.GetName()!r} is not in the scene")
+    _check_plot_column(table_node, x_column, "x_column")
+    _check_plot_column(table_node, y_column, "y_column")
+    setting = _series_settings(plot_type, [y_column], [line_style], [color], [marker_style])[0]
+    with _remove_added_nodes_on_error(scene):
+        return _add_series(scene, chart_node, table_node, x_column, y_column, name, setting)
+
+
 def _centile_column_name(key):
     """Column name of a centile curve: strings as given, numbers as ``"p<number>"``."""
     if isinstance(key, str):
@@ -1098,6 +1158,56 @@ def volume_from_nifti(scene, path, name=None, label_map=False):
     return volume
 
 
+def set_volume_display(volume_node, color_node=None, value_range=None, lower_threshold=None):
+    """Colour a scalar volume with a color table over a fixed range.
+
+    Parameters
+    ----------
+    volume_node : vtkMRMLScalarVolumeNode
+        Volume with a display node (e.g. made by :func:`add_volume`).
+    color_node : vtkMRMLColorNode or str, optional
+        Color table (node or node ID, in the volume's scene).
+    value_range : (float, float), optional
+        Values mapped to the first and the last color (fixed window and level);
+        by default Slicer's automatic window and level are kept.
+    lower_threshold : float, optional
+        Show only voxels at or above this value in slice views; None shows all.
+
+    Raises
+    ------
+    ValueError
+        If the volume has no display node, the color node is not in its scene,
+        or a value is not finite.
+    """
+    _check_node(volume_node, "vtkMRMLScalarVolumeNode", "volume_node")
+    display = volume_node.GetDisplayNode()
+    if display is None:
+        raise ValueError(f"volume_node {volume_node.GetName()!r} has no display node")
+    if color_node is not None:
+        color_node = _resolve_color_node(volume_node.GetScene(), color_node)
+    if value_range is not None:
+        value_range = _check_range(value_range, "value_range")
+    if lower_threshold is not None:
+        lower_threshold = float(lower_threshold)
+        if not np.isfinite(lower_threshold):
+            raise ValueError(f"lower_threshold must be finite, got {lower_threshold!r}")
+    modifying = display.StartModify()
+    try:
+        if color_node is not None:
+            display.SetAndObserveColorNodeID(color_node.GetID())
+        if value_range is not None:
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevelMinMax(*value_range)
+        if lower_threshold is None:
+            display.SetApplyThreshold(False)
+        else:
+            display.SetAutoThreshold(False)
+            display.SetThreshold(lower_threshold, np.finfo(np.float32).max)
+            display.SetApplyThreshold(True)
+    finally:
+        display.EndModify(modifying)
+
+
 # --------------------------------------------------------------------------
 # Markups
 # --------------------------------------------------------------------------
@@ -1166,6 +1276,31 @@ def points_from_markups(node):
         node.GetNthControlPointPosition(index, position)
         points[index] = position
     return points, [node.GetNthControlPointLabel(i) for i in range(n_points)]
+
+
+def remove_nodes(scene, nodes):
+    """Remove nodes from a scene together with their display and storage nodes.
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+    nodes : iterable of vtkMRMLNode or None
+        Nodes to remove; None entries and nodes no longer in the scene are skipped.
+        Color nodes are left alone: color tables are shared between results.
+    """
+    _check_scene(scene)
+    for node in nodes:
+        if node is None or not scene.IsNodePresent(node) or node.IsA("vtkMRMLColorNode"):
+            continue
+        related = []
+        if node.IsA("vtkMRMLDisplayableNode"):
+            related += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+        if node.IsA("vtkMRMLStorableNode"):
+            related += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+        scene.RemoveNode(node)
+        for other in related:
+            if other is not None and scene.IsNodePresent(other):
+                scene.RemoveNode(other)
 
 
 # --------------------------------------------------------------------------

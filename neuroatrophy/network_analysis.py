@@ -32,6 +32,7 @@ __all__ = ["NetworkAnalysis", "analyse_networks", "surface_to_store", "RESULTS_F
 
 RESULTS_FILE = "network_analysis.json"
 SEED_MAPS_FILE = "seed_maps.npz"
+SPECIFIC_FILE = "specificity.npz"
 TARGET_PREFIX = "target:"
 
 
@@ -87,6 +88,12 @@ class NetworkAnalysis:
         folder = Path(folder)
         (folder / "maps").mkdir(parents=True, exist_ok=True)
         self.maps.save(folder / SEED_MAPS_FILE)
+        if self.specific_positive is not None:
+            from .modelio import save_model_file
+
+            save_model_file(folder / SPECIFIC_FILE, {"positive": self.specific_positive,
+                                                     "negative": self.specific_negative},
+                            {"model_type": "network-specificity", "patients": self.patients})
         signed = self.networks.signed()
         for k, name in enumerate(self.patients):
             stem = _file_stem(name)
@@ -146,8 +153,15 @@ class NetworkAnalysis:
         fc = pd.read_csv(folder / "target_connectivity.csv", dtype={"subject_id": str}).set_index("subject_id")
         fc_roi = pd.read_csv(folder / "target_connectivity_roi.csv", dtype={"subject_id": str}).set_index("subject_id")
         targets = pd.read_csv(folder / "targets.csv")
+        specific = (None, None)
+        if (folder / SPECIFIC_FILE).is_file():
+            from .modelio import load_model_file
+
+            arrays, _ = load_model_file(folder / SPECIFIC_FILE, expected_type="network-specificity")
+            specific = (arrays["positive"], arrays["negative"])
         return cls(all_maps, networks, convergence_map(networks.positive), convergence_map(networks.negative),
-                   summary, fc, fc_roi, targets, seeds=np.zeros((0, 0)), options=manifest.get("options", {}))
+                   summary, fc, fc_roi, targets, seeds=np.zeros((0, 0)), specific_positive=specific[0],
+                   specific_negative=specific[1], options=manifest.get("options", {}))
 
 
 def _file_stem(name: str) -> str:
