@@ -279,3 +279,17 @@ def test_specificity_separates_a_private_network_from_a_hub_dominated_one(tmp_pa
     assert summary.loc["private", "specificity_positive"] > 0.8
     assert summary.loc["hub", "specificity_positive"] < 0.3
     assert summary.loc["hub", "degree_similarity"] > summary.loc["private", "degree_similarity"]
+
+
+def test_degree_is_the_mean_correlation_with_all_nodes(structured_store, seeds):
+    maps = seed_maps(structured_store, seeds[:1], engine="numpy")
+    torch_maps = seed_maps(structured_store, seeds[:1], engine="torch")
+    nodes = [5, 3000, 15000]
+    expected = np.zeros(len(nodes))
+    for s in range(len(structured_store)):
+        data = np.asarray(structured_store.timeseries(s), np.float64)
+        signal = np.abs(data).max(axis=0) > 0
+        expected += (data[:, nodes].T @ data[:, signal]).mean(axis=1)
+    expected /= len(structured_store)
+    assert np.allclose(maps.degree[nodes], expected, atol=1e-6)
+    assert np.allclose(torch_maps.degree[nodes], expected, atol=1e-6)

@@ -327,6 +327,10 @@ class ConnectomeStore:
     def n_timepoints(self) -> list[int]:
         return [int(s["n_timepoints"]) for s in self._manifest["subjects"]]
 
+    def n_signal(self, index: int) -> int:
+        """Number of nodes with signal in subject ``index`` (recorded at build time)."""
+        return int(self._manifest["subjects"][index]["n_signal"])
+
     def __len__(self) -> int:
         return len(self._manifest["subjects"])
 
@@ -457,7 +461,7 @@ class ConnectomeStore:
                 np.save(handle, valid, allow_pickle=False)
         self._valid = valid
         self._manifest["subjects"].append(
-            {"id": subject_id, "file": file, "n_timepoints": int(stored.shape[0])}
+            {"id": subject_id, "file": file, "n_timepoints": int(stored.shape[0]), "n_signal": int(signal.sum())}
         )
         self._write_manifest()
 

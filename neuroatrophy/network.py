@@ -161,7 +161,7 @@ def seed_maps(store, seeds, names=None, engine="auto", device="cpu", subjects=No
     def run_block(block):
         partial = _Sums(len(names), store.n_nodes)
         for s in block:
-            partial.add(kernel(store.timeseries(s), weights, names, store.subject_ids[s]))
+            partial.add(kernel(store.timeseries(s), weights, names, store.subject_ids[s], store.n_signal(s)))
         return partial
 
     def merge(_, partial):
@@ -269,7 +269,7 @@ def _seedless_error(names, norms, subject_id):
 class _NumpyKernel:
     name = "numpy"
 
-    def __call__(self, timeseries, weights, names, subject_id):
+    def __call__(self, timeseries, weights, names, subject_id, n_signal):
         z = np.asarray(timeseries, dtype=np.float32)
         series = z @ weights  # (T, K) seed time series
         series -= series.mean(axis=0)
@@ -281,7 +281,8 @@ class _NumpyKernel:
         np.clip(r, -R_CLIP, R_CLIP, out=r)
         fz = _fisher_z_inplace(r.copy())
         seed = fisher_z(series.T @ series)
-        degree = z.T @ z.sum(axis=1) / max(1, np.count_nonzero(np.abs(z).max(axis=0)))
+        # Weighted degree: each node's mean correlation with all nodes that have signal.
+        degree = z.T @ z.sum(axis=1) / max(1, n_signal)
         return r, fz, seed, degree
 
 
@@ -307,7 +308,7 @@ class _TorchKernel:
             raise ValueError("device='cuda' was requested but no CUDA GPU is available")
         self._weights = None
 
-    def __call__(self, timeseries, weights, names, subject_id):
+    def __call__(self, timeseries, weights, names, subject_id, n_signal):
         torch = self.torch
         if self._weights is None or self._weights[0] is not weights:
             self._weights = (weights, torch.from_numpy(weights).to(self.device))
@@ -324,8 +325,7 @@ class _TorchKernel:
         r = (series.T @ z).clamp_(-R_CLIP, R_CLIP)
         fz = torch.atanh(r)
         seed = torch.atanh((series.T @ series).clamp_(-R_CLIP, R_CLIP))
-        n_signal = max(1, int((z.abs().amax(dim=0) > 0).sum()))
-        degree = (z.T @ z.sum(dim=1)) / n_signal
+        degree = (z.T @ z.sum(dim=1)) / max(1, n_signal)
         return tuple(x.double().cpu().numpy() if self.device.type != "cpu" else x.numpy()
                      for x in (r, fz, seed, degree))
 
