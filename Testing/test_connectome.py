@@ -237,3 +237,15 @@ def test_volume_store_on_a_small_grid(tmp_path, rng):
     # Interior voxel (2, 2, 2) has all six neighbours inside the mask.
     interior = np.flatnonzero(np.all(np.argwhere(mask) == [2, 2, 2], axis=1))[0]
     assert adjacency[interior].nnz == 6
+
+
+def test_subjects_without_a_recorded_signal_count_still_work(tmp_path, rng):
+    """Stores written before the manifest recorded ``n_signal`` are read by counting it."""
+    store = ConnectomeStore.create(tmp_path / "c", dtype="float32")
+    data = rng.standard_normal((20, 2 * N_HEMI))
+    data[:, :7] = 0.0
+    store.add_subject("s", data)
+    manifest = json.loads((store.path / "connectome.json").read_text())
+    del manifest["subjects"][0]["n_signal"]
+    (store.path / "connectome.json").write_text(json.dumps(manifest))
+    assert ConnectomeStore.open(store.path).n_signal(0) == 2 * N_HEMI - 7 == store.n_signal(0)

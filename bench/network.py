@@ -23,8 +23,8 @@ missed goal.
 
 Usage::
 
-    .venv/bin/python bench/network.py                  # full run (a few minutes, 2.5 GB temporary store)
-    .venv/bin/python bench/network.py --quick          # smoke run (~30 s)
+    .venv/bin/python bench/network.py                  # full run (~3 min with a 2.5 GB temporary store)
+    .venv/bin/python bench/network.py --quick          # smoke run (~10-20 s)
     .venv/bin/python bench/network.py --store /tmp/na-connectome   # build once, reuse in later runs
 """
 
@@ -774,7 +774,7 @@ def run(args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run (~30 s): 20 subjects x 150 time points, 20 seeds, small subsets")
+                        help="smoke run (~10-20 s): 20 subjects x 150 time points, 20 seeds, small subsets")
     parser.add_argument("--subjects", type=int, default=None, help="connectome subjects (default 200)")
     parser.add_argument("--timepoints", type=int, default=None, help="time points per subject (default 300)")
     parser.add_argument("--seeds", type=int, default=None, help="patient seeds (default 100)")

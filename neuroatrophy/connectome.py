@@ -328,8 +328,12 @@ class ConnectomeStore:
         return [int(s["n_timepoints"]) for s in self._manifest["subjects"]]
 
     def n_signal(self, index: int) -> int:
-        """Number of nodes with signal in subject ``index`` (recorded at build time)."""
-        return int(self._manifest["subjects"][index]["n_signal"])
+        """Number of nodes with signal in subject ``index`` (recorded at build time; counted
+        from the data for subjects added before the manifest recorded it)."""
+        entry = self._manifest["subjects"][index]
+        if "n_signal" not in entry:
+            entry["n_signal"] = int(np.count_nonzero(np.abs(self.timeseries(index)).max(axis=0)))
+        return int(entry["n_signal"])
 
     def __len__(self) -> int:
         return len(self._manifest["subjects"])
