@@ -249,3 +249,13 @@ def test_subjects_without_a_recorded_signal_count_still_work(tmp_path, rng):
     del manifest["subjects"][0]["n_signal"]
     (store.path / "connectome.json").write_text(json.dumps(manifest))
     assert ConnectomeStore.open(store.path).n_signal(0) == 2 * N_HEMI - 7 == store.n_signal(0)
+
+
+def test_subject_files_differ_case_insensitively(tmp_path, rng):
+    """'Sub-1' and 'sub-1' must not share a file on macOS or Windows file systems."""
+    store = ConnectomeStore.create(tmp_path / "c", dtype="float32")
+    store.add_subject("Sub-1", rng.standard_normal((20, 2 * N_HEMI)))
+    store.add_subject("sub-1", rng.standard_normal((20, 2 * N_HEMI)))
+    files = [s["file"] for s in json.loads((store.path / "connectome.json").read_text())["subjects"]]
+    assert len({f.lower() for f in files}) == 2
+    assert not np.array_equal(store.timeseries(0), store.timeseries(1))

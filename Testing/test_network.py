@@ -1,10 +1,9 @@
 """Seed-based atrophy networks: exactness against the straightforward computation, real data, pipeline."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from neuroatrophy.connectome import ConnectomeStore, fsaverage5_coordinates, preprocess_timeseries, read_run
+from neuroatrophy.connectome import ConnectomeStore, fsaverage5_coordinates, read_run
 from neuroatrophy.network import (
     SeedMaps,
     atrophy_seeds,

@@ -283,7 +283,7 @@ def cmd_targets(args, reporter) -> int:
 
 def cmd_outcome(args, reporter) -> int:
     from .cohort import read_cohort
-    from .io import atomic_write
+    from .io import atomic_write, safe_file_stem
     from .outcome import target_outcome_analysis
     from .plotting import target_outcome_figure
 
@@ -300,7 +300,7 @@ def cmd_outcome(args, reporter) -> int:
     for k, row in results.iterrows():
         target = row["target"]
         target_outcome_figure(connectivity[target].to_numpy(), outcome.to_numpy(float), row.to_dict(),
-                              out / f"outcome_{_safe_name(target)}.png", target_name=target,
+                              out / f"outcome_{safe_file_stem(target, default='target')}.png", target_name=target,
                               outcome_name=args.outcome)
         reporter.progress(0.5 + 0.5 * (k + 1) / len(results), f"figure for {target}")
     best = results.sort_values("p_permutation").iloc[0]
@@ -320,11 +320,6 @@ def _read_connectivity(path):
         raise ValueError(f"{path} has no subject_id column")
     return table.set_index("subject_id")
 
-
-def _safe_name(name):
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
 
 
 # ---------------------------------------------------------------- helpers

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .io import atomic_write
+from .io import atomic_write, safe_file_stem
 
 __all__ = [
     "FORMAT_VERSION",
@@ -454,7 +454,7 @@ class ConnectomeStore:
 
     def _write_subject(self, subject_id: str, data: np.ndarray) -> None:
         stored = data.astype(self.dtype)
-        file = f"subjects/{_safe_file_name(subject_id, self._used_files())}.npy"
+        file = f"subjects/{safe_file_stem(subject_id, self._used_files(), default='subject')}.npy"
         with atomic_write(self.path / file) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, stored, allow_pickle=False)
@@ -470,7 +470,7 @@ class ConnectomeStore:
         self._write_manifest()
 
     def _used_files(self) -> set[str]:
-        return {Path(s["file"]).stem for s in self._manifest["subjects"]}
+        return {Path(s["file"]).stem.lower() for s in self._manifest["subjects"]}
 
     def _write_manifest(self) -> None:
         with atomic_write(self.path / MANIFEST) as tmp:
@@ -482,15 +482,6 @@ def _check_subject_id(subject_id) -> str:
     if not subject_id:
         raise ValueError("subject_id must be a non-empty string")
     return subject_id
-
-
-def _safe_file_name(subject_id: str, used: set[str]) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", subject_id).strip("._") or "subject"
-    candidate, n = stem, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{stem}-{n}"
-    return candidate
 
 
 def _mask_from_image(mask_img):

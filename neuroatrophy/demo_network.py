@@ -63,7 +63,6 @@ def run_network_demo(out_dir, maps, true_atrophy, true_ids, seed=0, report=None,
     ``outcome/`` (association table and figure), ``figures/network_*.png`` and
     ``network_demo.json``; adds the outcome column to ``out_dir/cohort.csv``.
     """
-    from .connectome import ConnectomeStore
     from .network import atrophy_seeds, seed_maps
     from .network_analysis import analyse_networks
     from .targets import get_target, target_rois
@@ -275,9 +274,6 @@ def _message(headline) -> str:
 
 
 def _write_json(path, content) -> None:
-    import json
+    from .demo import _write_json as write_json  # the demo's one JSON writer (atomic)
 
-    from .io import atomic_write
-
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(content, indent=2, default=float))
+    write_json(path, content)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -151,6 +152,23 @@ def atomic_write(path):
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def safe_file_stem(name, used=None, default="file") -> str:
+    """A file-system friendly stem for ``name`` (letters, digits, ``._-``; others become ``_``).
+
+    With ``used`` (a set, updated), the stem is also unique case-insensitively among the
+    stems already in it (``_1``, ``_2`` ... appended), so that two names never share a
+    file on case-insensitive file systems (macOS, Windows).
+    """
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name or "")).strip("._") or default
+    if used is None:
+        return stem
+    candidate, counter = stem, 1
+    while candidate.lower() in used:
+        candidate, counter = f"{stem}_{counter}", counter + 1
+    used.add(candidate.lower())
+    return candidate
 
 
 def write_surface_data(path, data) -> Path:

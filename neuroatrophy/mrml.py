@@ -1306,16 +1306,6 @@ def remove_nodes(scene, nodes):
 # --------------------------------------------------------------------------
 # Scene files
 # --------------------------------------------------------------------------
-def _safe_file_stem(name, used):
-    """A file-system friendly, case-insensitively unique stem for a node name."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name or "").strip("._") or "node"
-    candidate, counter = stem, 1
-    while candidate.lower() in used:
-        candidate, counter = f"{stem}_{counter}", counter + 1
-    used.add(candidate.lower())
-    return candidate
-
-
 def _nodes_to_write(scene):
     """Storable nodes whose data goes to ``<stem>_data``.
 
@@ -1384,7 +1374,9 @@ def _storage_node_for(scene, node):
 def _write_node_data(scene, node, data_dir, used_stems):
     storage = _storage_node_for(scene, node)
     extension = _WRITE_EXTENSIONS.get(storage.GetClassName(), storage.GetDefaultWriteFileExtension())
-    file_path = data_dir / f"{_safe_file_stem(node.GetName(), used_stems)}.{extension}"
+    from .io import safe_file_stem
+
+    file_path = data_dir / f"{safe_file_stem(node.GetName(), used_stems, default='node')}.{extension}"
     storage.SetFileName(str(file_path))
     storage.ResetFileNameList()
     storage.SetURI(None)

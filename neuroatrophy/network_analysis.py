@@ -83,7 +83,7 @@ class NetworkAnalysis:
         Surface results are written as ``.mgh`` per hemisphere, volume results as NIfTI
         on ``grid`` (the store's ``(mask, affine)``).
         """
-        from .io import atomic_write
+        from .io import atomic_write, safe_file_stem
 
         folder = Path(folder)
         (folder / "maps").mkdir(parents=True, exist_ok=True)
@@ -95,8 +95,9 @@ class NetworkAnalysis:
                                                      "negative": self.specific_negative},
                             {"model_type": "network-specificity", "patients": self.patients})
         signed = self.networks.signed()
+        used_stems = set()
         for k, name in enumerate(self.patients):
-            stem = _file_stem(name)
+            stem = safe_file_stem(name, used_stems, default="patient")
             self._write_map(folder / "maps" / f"{stem}_t", self.maps.t[k], grid)
             self._write_map(folder / "maps" / f"{stem}_network", signed[k].astype(np.float32), grid)
         self._write_map(folder / "convergence_positive", self.convergence_positive, grid)
@@ -162,12 +163,6 @@ class NetworkAnalysis:
         return cls(all_maps, networks, convergence_map(networks.positive), convergence_map(networks.negative),
                    summary, fc, fc_roi, targets, seeds=np.zeros((0, 0)), specific_positive=specific[0],
                    specific_negative=specific[1], options=manifest.get("options", {}))
-
-
-def _file_stem(name: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "patient"
 
 
 def _json_default(value):
