@@ -179,9 +179,19 @@ def cmd_info(args, reporter) -> int:
 
 def cmd_demo(args, reporter) -> int:
     from .demo import run_demo
+    from .parallel import scaled_progress
 
+    # The subtypes step (its own synthetic cohort, out/subtypes/) takes the last 15 %.
+    share = 1.0 if args.skip_subtypes else 0.85
     result = run_demo(args.out, n_controls=args.n_controls, n_patients=args.n_patients, seed=args.seed,
-                      progress=reporter.progress)
+                      progress=scaled_progress(reporter.progress, 0.0, share))
+    if not args.skip_subtypes:
+        from .demo_subtypes import run_subtypes_demo
+
+        subtypes = run_subtypes_demo(Path(args.out) / "subtypes", seed=args.seed,
+                                     progress=scaled_progress(reporter.progress, share, 1.0))
+        result["subtypes"] = {"recovery": subtypes["recovery"], "paths": subtypes["paths"],
+                              "seconds": subtypes["seconds"]}
     reporter.info(json.dumps(_jsonable(result), indent=2))
     return 0
 
@@ -319,6 +329,238 @@ def _read_connectivity(path):
     if "subject_id" not in table.columns:
         raise ValueError(f"{path} has no subject_id column")
     return table.set_index("subject_id")
+
+
+# ---------------------------------------------------------------- subtypes (SuStaIn)
+def cmd_subtypes_zscore(args, reporter) -> int:
+    from .io import atomic_write
+    from .subtypes_input import RegionalZScorer, regional_zscores
+
+    table = _read_table(args.table, "cohort table")
+    regions = _column_list(args.regions, "--regions")
+    if args.apply_scorer:
+        scorer = RegionalZScorer.load(args.apply_scorer)
+        unknown = [r for r in regions if r not in scorer.regions]
+        if unknown:
+            raise ValueError(f"--regions {unknown} are not regions of the scorer {args.apply_scorer}")
+        zscores = scorer.transform(table)[regions]
+        reporter.info(f"z-scored {len(zscores)} subjects with the saved scorer {args.apply_scorer}")
+    else:
+        _check_output_folder(args.out)
+        zscores, scorer = regional_zscores(
+            table, regions, group_column=args.group_column, control_label=args.control_label,
+            covariates=_column_list(args.covariates, "--covariates", allow_empty=True),
+            abnormal=_abnormal_arg(args.abnormal, regions), method=args.method,
+            patients_only=not args.all_subjects)
+        reporter.info(f"z-scores of {len(zscores)} {'subjects' if args.all_subjects else 'patients'} against "
+                      f"{int(scorer.n_controls_.min())} controls ({args.method}, covariates: "
+                      f"{', '.join(scorer.covariates) or 'none'})")
+        if args.scorer:
+            scorer.save(args.scorer)
+            reporter.info(f"saved the z-scorer to {args.scorer}")
+    with atomic_write(args.out) as tmp:
+        zscores.to_csv(tmp, index_label="subject_id")
+    reporter.progress(1.0, f"wrote {args.out}")
+    return 0
+
+
+def cmd_subtypes_fit(args, reporter) -> int:
+    from .subtypes_pipeline import fit_subtypes, read_zscores
+
+    out = Path(args.out)
+    if not out.resolve().parent.is_dir():
+        raise FileNotFoundError(f"output folder's parent does not exist: {out.resolve().parent}")
+    zscores = read_zscores(args.zscores, _column_list(args.regions, "--regions") if args.regions else None)
+    if args.kind == "mixture":
+        z_levels = z_max = None
+        likelihoods = _likelihood_args(args, zscores)
+        reporter.info(f"{len(zscores)} subjects x {zscores.shape[1]} regions; event / no-event likelihoods")
+    else:
+        if args.likelihoods:
+            raise ValueError("--likelihoods is for --kind mixture")
+        likelihoods = None
+        z_levels, z_max = _z_levels_args(args, zscores)
+        reporter.info(f"{len(zscores)} subjects x {zscores.shape[1]} regions; z-levels "
+                      + "; ".join(f"{r}: {','.join(f'{v:g}' for v in lv)} (max {m:g})"
+                                  for r, lv, m in zip(zscores.columns, z_levels, z_max)))
+    result = fit_subtypes(zscores, z_levels, z_max, kind=args.kind, likelihoods=likelihoods,
+                          max_subtypes=args.max_subtypes,
+                          n_startpoints=args.startpoints, n_mcmc=args.mcmc, n_tune=args.tune,
+                          cv_folds=args.cv_folds, seed=args.seed, n_jobs=args.jobs,
+                          progress=_throttled(reporter.progress))
+    result.save(out)
+    if result.cv is not None:
+        reporter.info("CVIC by number of subtypes: " + ", ".join(
+            f"{int(k)}: {v:.1f}" for k, v in result.cv.cvic.items()))
+    counts = result.staged["ml_subtype"].where(result.staged["ml_stage"] > 0).value_counts().sort_index()
+    reporter.info(f"{result.chosen_n_subtypes} subtype(s); subjects per subtype (stage > 0): "
+                  + ", ".join(f"{int(k)}: {int(v)}" for k, v in counts.items())
+                  + f"; stage 0 (normal-appearing): {int((result.staged['ml_stage'] == 0).sum())}")
+    reporter.progress(1.0, f"saved the subtype analysis to {out}")
+    return 0
+
+
+def cmd_subtypes_stage(args, reporter) -> int:
+    from .io import atomic_write
+    from .subtypes_pipeline import read_zscores
+
+    model = _subtypes_model(args.model, args.n_subtypes)
+    zscores = read_zscores(args.zscores)
+    missing = [b for b in model.biomarkers if b not in zscores.columns]
+    if missing:
+        raise ValueError(f"{args.zscores} lacks the region column(s) {missing} of the model {args.model}")
+    staged = model.stage(zscores[model.biomarkers])
+    staged.index = zscores.index
+    with atomic_write(args.out) as tmp:
+        staged.to_csv(tmp, index_label="subject_id")
+    reporter.progress(1.0, f"staged {len(staged)} subjects with {model.n_subtypes} subtype(s); wrote {args.out}")
+    return 0
+
+
+def cmd_subtypes_associate(args, reporter) -> int:
+    from .subtypes_pipeline import SubtypesResult, associate
+
+    result = SubtypesResult.load(args.model)
+    staged = result.staged if args.n_subtypes is None else result.stage(result.zscores, args.n_subtypes)
+    clinical = _read_table(args.clinical, "clinical table")
+    scores = _column_list(args.scores, "--scores")
+    covariates = _column_list(args.covariates, "--covariates", allow_empty=True)
+    associations = associate(staged, clinical, scores, covariates, include_stage0=args.include_stage0)
+    associations.save(args.out)
+    tests = associations.subtype_differences
+    for _, row in tests[tests["effect"] == "subtype"].iterrows():
+        reporter.info(f"{row['score']}: subtype difference F({row['df_num']:g}, {row['df_den']:g}) = "
+                      f"{row['statistic']:.2f}, p = {row['p']:.3g}")
+    reporter.progress(1.0, f"wrote the clinical associations to {args.out}")
+    return 0
+
+
+def _subtypes_model(path, n_subtypes):
+    """A SustainModel from a result folder (chosen or ``n_subtypes``) or a single model file."""
+    path = Path(path)
+    if path.is_dir():
+        from .subtypes_pipeline import SubtypesResult
+
+        return SubtypesResult.load(path).get_model(n_subtypes)
+    from .sustain import SustainModel
+
+    model = SustainModel.load(path)
+    if n_subtypes is not None and n_subtypes != model.n_subtypes:
+        raise ValueError(f"--n-subtypes {n_subtypes}: the model file {path} has {model.n_subtypes} subtype(s)")
+    return model
+
+
+def _read_table(path, what):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ("," if path.suffix.lower() == ".csv" else None)
+    try:
+        table = pd.read_csv(path, sep=sep, engine="python" if sep is None else "c", encoding="utf-8-sig",
+                            dtype={"subject_id": str})
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{what} {path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"could not parse {what} {path}: {error}") from error
+    table.columns = [str(c).strip() for c in table.columns]
+    if "subject_id" not in table.columns:
+        raise ValueError(f"{what} {path} has no subject_id column (columns: {list(table.columns)})")
+    return table
+
+
+def _column_list(value, option, allow_empty=False) -> list[str]:
+    items = [item.strip() for item in (value or "").split(",") if item.strip()]
+    if not items and not allow_empty:
+        raise ValueError(f"{option} needs at least one column name (comma-separated)")
+    return items
+
+
+def _abnormal_arg(value, regions):
+    """``lower``/``higher`` for every region, or ``region=lower,region2=higher``."""
+    if "=" not in value:
+        return value
+    directions = {}
+    for item in value.split(","):
+        region, _, direction = item.partition("=")
+        directions[region.strip()] = direction.strip()
+    unknown = [r for r in directions if r not in regions]
+    if unknown:
+        raise ValueError(f"--abnormal names region(s) {unknown} that are not in --regions")
+    return {r: directions.get(r, "lower") for r in regions}
+
+
+def _number_list(text, option) -> list[float]:
+    try:
+        return [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+def _z_levels_args(args, zscores):
+    """Z-levels and z-max per region: from --z-levels / --z-levels-file, else the data-driven defaults."""
+    from .subtypes_pipeline import normalise_z_levels, normalise_z_max
+
+    regions = list(zscores.columns)
+    z_max = None
+    if args.z_levels_file:
+        path = Path(args.z_levels_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--z-levels-file not found: {path}")
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"--z-levels-file {path} is not valid JSON: {error}") from None
+        if isinstance(spec, dict) and "z_levels" in spec:
+            levels, z_max = spec["z_levels"], spec.get("z_max")
+        else:
+            levels = spec
+        levels = normalise_z_levels(levels, regions)
+    elif args.z_levels:
+        levels = normalise_z_levels(_number_list(args.z_levels, "--z-levels"), regions)
+    else:
+        from .subtypes_input import default_z_levels
+
+        levels, z_max = default_z_levels(zscores)
+    if args.z_max is not None:
+        z_max = args.z_max
+    if z_max is None:
+        # pySuStaIn's convention: the trajectory ends 2 above the highest level (1, 2, 3 -> 5).
+        z_max = [row[-1] + 2.0 for row in levels]
+    return levels, normalise_z_max(z_max, regions)
+
+
+def _likelihood_args(args, zscores):
+    """The event / no-event likelihood tables of a mixture fit, on the subjects and regions of the z-scores."""
+    from .subtypes_pipeline import read_zscores
+
+    if not args.likelihoods:
+        raise ValueError("--kind mixture needs --likelihoods YES.csv NO.csv (event / no-event likelihoods)")
+    tables = []
+    for path in args.likelihoods:
+        table = read_zscores(path)
+        missing_regions = [r for r in zscores.columns if r not in table.columns]
+        missing_subjects = zscores.index.difference(table.index)
+        if missing_regions or len(missing_subjects):
+            raise ValueError(f"likelihood table {path} lacks region(s) {missing_regions} or "
+                             f"{len(missing_subjects)} subject(s) of {args.zscores} "
+                             f"(e.g. {list(missing_subjects[:5])})")
+        tables.append(table.loc[zscores.index, list(zscores.columns)])
+    return tuple(tables)
+
+
+def _throttled(progress, interval=0.1):
+    """Pass progress on at most every ``interval`` seconds (and always the end), so MCMC does not flood."""
+    import time
+
+    last = [-float("inf")]
+
+    def report(fraction, message):
+        now = time.monotonic()
+        if fraction >= 1.0 or now - last[0] >= interval:
+            last[0] = now
+            progress(fraction, message)
+
+    return report
 
 
 
@@ -491,11 +733,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (table and one figure per target)")
     p.set_defaults(func=cmd_outcome)
 
+    p = common(sub.add_parser("subtypes", help="subtypes and stages of regional atrophy (SuStaIn)"), cohort=False)
+    ssub = p.add_subparsers(dest="subtypes_command", required=True)
+    z = common(ssub.add_parser("zscore", help="covariate-adjusted regional z-scores against controls"), cohort=False)
+    z.add_argument("--table", required=True, help="cohort table (CSV/TSV): subject_id, group, covariates, regions")
+    z.add_argument("--regions", required=True, help="regional measure columns, comma-separated")
+    z.add_argument("--group-column", default="group", help="column telling controls from patients (default group)")
+    z.add_argument("--control-label", default="control", help="value of the group column for controls")
+    z.add_argument("--covariates", default="age,sex,icv",
+                   help="covariate columns, comma-separated (default age,sex,icv; '' for none)")
+    z.add_argument("--abnormal", default="lower",
+                   help="abnormal side: lower (atrophy, default), higher, or region=lower,region2=higher")
+    z.add_argument("--method", choices=["ols", "normative"], default="ols",
+                   help="ols regression in controls (default) or the normative model (age, sex, site only)")
+    z.add_argument("--all-subjects", action="store_true", help="write controls' z-scores too (default patients)")
+    z.add_argument("--scorer", default=None, help="also save the fitted z-scorer (JSON) here")
+    z.add_argument("--apply-scorer", default=None,
+                   help="z-score every row of --table with a saved z-scorer instead of fitting one")
+    z.add_argument("--out", required=True, help="z-score table to write (CSV: subject_id, regions)")
+    z.set_defaults(func=cmd_subtypes_zscore)
+
+    f = common(ssub.add_parser("fit", help="fit SuStaIn on patients' z-scores and stage them"), cohort=False)
+    f.add_argument("--zscores", required=True, help="z-score table (subject_id + one column per region)")
+    f.add_argument("--regions", default=None, help="region columns to use, comma-separated (default all)")
+    f.add_argument("--kind", choices=["zscore", "mixture"], default="zscore",
+                   help="z-score SuStaIn (default) or the event-based mixture variant (needs --likelihoods)")
+    f.add_argument("--likelihoods", nargs=2, metavar=("YES", "NO"), default=None,
+                   help="mixture kind: event and no-event likelihood tables (subject_id + regions, linear, > 0)")
+    levels = f.add_mutually_exclusive_group()
+    levels.add_argument("--z-levels", default=None, help="z-levels of every region, e.g. 1,2,3 "
+                        "(default: chosen per region from the data)")
+    levels.add_argument("--z-levels-file", default=None,
+                        help='JSON: {"region": [1, 2, 3], ...} or {"z_levels": {...}, "z_max": {...}}')
+    f.add_argument("--z-max", type=float, default=None,
+                   help="z at the end of every trajectory (default: highest level + 2, or the data-driven value)")
+    f.add_argument("--max-subtypes", type=int, default=3, help="fit 1..this many subtypes (default 3)")
+    f.add_argument("--startpoints", type=int, default=25, help="E-M start points (default 25)")
+    f.add_argument("--mcmc", type=int, default=100_000, help="MCMC iterations (default 100000)")
+    f.add_argument("--tune", type=int, default=10_000, help="MCMC proposal-tuning iterations (default 10000)")
+    f.add_argument("--cv-folds", type=int, default=0,
+                   help="cross-validation folds to choose the number of subtypes by CVIC (0: none, default)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--jobs", type=int, default=None, help="parallel workers (default: all CPUs)")
+    f.add_argument("--out", required=True, help="result folder (models, subjects.csv, settings.json, figures)")
+    f.set_defaults(func=cmd_subtypes_fit)
+
+    g = common(ssub.add_parser("stage", help="subtype and stage new subjects with a fitted model"), cohort=False)
+    g.add_argument("--model", required=True, help="result folder of 'subtypes fit' or a .sustain model file")
+    g.add_argument("--n-subtypes", type=int, default=None, help="model to use (default: the chosen one)")
+    g.add_argument("--zscores", required=True, help="z-score table of the subjects to stage")
+    g.add_argument("--out", required=True, help="staging table to write (CSV)")
+    g.set_defaults(func=cmd_subtypes_stage)
+
+    a = common(ssub.add_parser("associate", help="clinical scores against subtypes and stages"), cohort=False)
+    a.add_argument("--model", required=True, help="result folder of 'subtypes fit'")
+    a.add_argument("--n-subtypes", type=int, default=None, help="model to use (default: the chosen one)")
+    a.add_argument("--clinical", required=True, help="clinical table (CSV/TSV) with subject_id, scores, covariates")
+    a.add_argument("--scores", required=True, help="score columns, comma-separated (e.g. edss,sdmt)")
+    a.add_argument("--covariates", default="", help="covariate columns, comma-separated (e.g. age,sex)")
+    a.add_argument("--include-stage0", action="store_true",
+                   help="keep stage-0 (normal-appearing) subjects in the tests (default: left out)")
+    a.add_argument("--out", required=True, help="output folder for the association tables")
+    a.set_defaults(func=cmd_subtypes_associate)
+
     p = common(sub.add_parser("demo", help="run the demo on a synthetic cohort built from fsaverage5"), cohort=False)
     p.add_argument("--out", default="demo-output")
     p.add_argument("--n-controls", type=int, default=600)
     p.add_argument("--n-patients", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-subtypes", action="store_true",
+                   help="leave out the subtypes (SuStaIn) step on its own synthetic cohort (out/subtypes/)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1056,17 +1056,18 @@ def cross_validate(estimator, X, n_folds=5, stratify=None, seed=None, n_jobs=Non
     params = estimator.get_params()
     base_seed = np.random.SeedSequence(seed if seed is not None else params.get("seed"))
     fold_seeds = base_seed.spawn(len(folds))
-    total_units = len(folds)
-    state = {"done": 0}
+    fold_fraction = [0.0] * len(folds)
     lock = threading.Lock()
 
-    def fold_progress(fraction_offset):
+    def fold_progress(fold):
         if progress is None:
             return None
 
         def report(fraction, message):
+            # parallel folds each report their own fraction: report the mean over folds
             with lock:
-                progress((state["done"] + fraction) / total_units, f"fold {fraction_offset + 1}/{len(folds)}: {message}")
+                fold_fraction[fold] = max(fold_fraction[fold], fraction)
+                progress(sum(fold_fraction) / len(folds), f"fold {fold + 1}/{len(folds)}: {message}")
         return report
 
     def run_fold(args):
@@ -1082,8 +1083,6 @@ def cross_validate(estimator, X, n_folds=5, stratify=None, seed=None, n_jobs=Non
         for model in est.models_:
             ll = model.loglik_samples(rows(X, test), L_no=None if L_no is None else rows(L_no, test))
             out.append(ll)
-        with lock:
-            state["done"] += 1
         return est.models_, out
 
     results = parallel_map(run_fold, [(i, f, s) for i, (f, s) in enumerate(zip(folds, fold_seeds))],
