@@ -411,6 +411,9 @@ class _Engine:
         accepted = 0
         for start in range(0, n_iter, _MCMC_CHUNK):
             n = min(_MCMC_CHUNK, n_iter - start)
+            if start:  # exact state again: incremental updates must not accumulate rounding
+                L, E, P, Q, m, mus = self.state(seqs, f)
+                loglik = float(kernels.current_loglik(L, E, P, m, f, self.data.const))
             r_pos = rng.random((n, n_sub))
             r_new = rng.random((n, n_sub))
             r_f = rng.standard_normal((n, max(n_sub - 1, 1)))

@@ -120,13 +120,16 @@ def stage_rows(kind, X, W, D, base, ev_z, zmax, bio_events, bio_n, seq, pos, poi
 
 @_jit
 def changed_rows(kind, X, W, D, base, ev_z, zmax, bio_events, bio_n,
-                 seq_new, pos_old, pos_new, points, mu_old, mu_new, rows, flags):
+                 seq_new, pos_old, pos_new, points, mu_old, mu_new, L_c, rows, flags):
     """Recompute only the stages whose parameters differ from the current sequence.
 
-    Sets ``flags[k]`` for every changed stage, fills ``rows[k]`` for those, and
-    returns the span ``(k0, k1)`` (``k0 == k1`` when nothing changed).
+    ``L_c`` holds the current stage log-densities of this subtype. Sets ``flags[k]`` for
+    every changed stage, fills ``rows[k]`` for those, and returns the span ``(k0, k1)``
+    (``k0 == k1`` when nothing changed). For z-scores only the biomarkers whose mean
+    moved are updated: -1/2 W (X - m')^2 - (-1/2 W (X - m)^2) = W (m' - m)(X - (m + m')/2).
     """
     n_stages = seq_new.size + 1
+    n_subjects = rows.shape[1]
     positions_of(seq_new, pos_new)
     k0 = n_stages
     k1 = 0
@@ -135,12 +138,20 @@ def changed_rows(kind, X, W, D, base, ev_z, zmax, bio_events, bio_n,
         for k in range(n_stages):
             changed = False
             for b in range(mu_new.shape[0]):
-                if mu_new[b, k] != mu_old[b, k]:
+                new = mu_new[b, k]
+                old = mu_old[b, k]
+                if new == old:
+                    continue
+                if not changed:
                     changed = True
-                    break
+                    for j in range(n_subjects):
+                        rows[k, j] = L_c[k, j]
+                step = new - old
+                half = 0.5 * (new + old)
+                for j in range(n_subjects):
+                    rows[k, j] += W[b, j] * step * (X[b, j] - half)
             flags[k] = changed
             if changed:
-                zscore_row(X, W, mu_new, k, rows[k])
                 if k < k0:
                     k0 = k
                 k1 = k + 1
@@ -280,40 +291,40 @@ def accept_rows(L, E, P, Q, m, c_new, rows, flags, spans, expbuf, n_new):
 
 
 @_jit
+def _slot_of(c_new, n_new, c):
+    """Index of subtype ``c`` among the changed subtypes ``c_new[:n_new]``, or -1."""
+    for t in range(n_new):
+        if c_new[t] == c:
+            return t
+    return -1
+
+
+@_jit
+def _exact_value(L, j, c, k, slot, rows_new, flags_new):
+    if slot >= 0 and flags_new[slot, k]:
+        return rows_new[slot, k, j]
+    return L[c, k, j]
+
+
+@_jit
 def subject_loglik_exact(L, f, j, c_new, rows_new, flags_new, n_new):
     """Exact log sum_{c,k} f_c exp(L) for subject ``j`` (slow path), with the first
     ``n_new`` subtypes listed in ``c_new`` replaced on their flagged stages."""
     n_sub, n_stages = L.shape[0], L.shape[1]
     best = -np.inf
     for c in range(n_sub):
-        if f[c] <= 0.0:
-            continue
-        slot = -1
-        for t in range(n_new):
-            if c_new[t] == c:
-                slot = t
-        for k in range(n_stages):
-            v = L[c, k, j]
-            if slot >= 0 and flags_new[slot, k]:
-                v = rows_new[slot, k, j]
-            v += math.log(f[c])
-            if v > best:
-                best = v
+        if f[c] > 0.0:
+            slot = _slot_of(c_new, n_new, c)
+            for k in range(n_stages):
+                best = max(best, _exact_value(L, j, c, k, slot, rows_new, flags_new) + math.log(f[c]))
     if best == -np.inf:
         return -np.inf
     total = 0.0
     for c in range(n_sub):
-        if f[c] <= 0.0:
-            continue
-        slot = -1
-        for t in range(n_new):
-            if c_new[t] == c:
-                slot = t
-        for k in range(n_stages):
-            v = L[c, k, j]
-            if slot >= 0 and flags_new[slot, k]:
-                v = rows_new[slot, k, j]
-            total += math.exp(v + math.log(f[c]) - best)
+        if f[c] > 0.0:
+            slot = _slot_of(c_new, n_new, c)
+            for k in range(n_stages):
+                total += math.exp(_exact_value(L, j, c, k, slot, rows_new, flags_new) + math.log(f[c]) - best)
     return best + math.log(total)
 
 
@@ -500,7 +511,7 @@ def em_pass(kind, X, W, D, base, ev_z, zmax, bio_events, bio_n, ev_prev, ev_next
                 else:
                     move_event(seq, e, u, p, cand)
                     k0, k1 = changed_rows(kind, X, W, D, base, ev_z, zmax, bio_events, bio_n,
-                                          cand, pos, pos_new, points, mus[c], mu_new, rows[0], flags[0])
+                                          cand, pos, pos_new, points, mus[c], mu_new, L[c], rows[0], flags[0])
                     spans[0, 0] = k0
                     spans[0, 1] = k1
                     value = candidate_loglik(L, E, P, Q, m, f, const, c_new, rows, flags, spans, 1,
@@ -511,7 +522,7 @@ def em_pass(kind, X, W, D, base, ev_z, zmax, bio_events, bio_n, ev_prev, ev_next
             if best_p != u:
                 move_event(seq, e, u, best_p, best_seq)
                 k0, k1 = changed_rows(kind, X, W, D, base, ev_z, zmax, bio_events, bio_n,
-                                      best_seq, pos, pos_new, points, mus[c], mu_new, rows[0], flags[0])
+                                      best_seq, pos, pos_new, points, mus[c], mu_new, L[c], rows[0], flags[0])
                 spans[0, 0] = k0
                 spans[0, 1] = k1
                 candidate_loglik(L, E, P, Q, m, f, const, c_new, rows, flags, spans, 1,
@@ -601,7 +612,7 @@ def mcmc(kind, X, W, D, base, ev_z, zmax, bio_events, bio_n, ev_prev, ev_next, c
                 move_event(seq, e, u, v, new_seqs[c])
                 k0, k1 = changed_rows(kind, X, W, D, base, ev_z, zmax, bio_events, bio_n,
                                       new_seqs[c], pos, pos_new, points, mus[c], new_mus[c],
-                                      rows[c], flags[c])
+                                      L[c], rows[c], flags[c])
                 spans[c, 0] = k0
                 spans[c, 1] = k1
         log_jacobian = 0.0
