@@ -276,9 +276,14 @@ def cv_figure(cv_result, title=None, save=None) -> Figure:
     left, right = fig.subplots(1, 2)
     left.plot(k, summary["cvic"], "o-", color="C0")
     if summary["cvic"].notna().any():
-        best = summary.loc[summary["cvic"].idxmin()]
+        # mark the number the analysis chooses (CVResult.best_n_subtypes: the smallest within
+        # tolerance of the lowest CVIC) when the result says so, else the lowest
+        chosen = getattr(cv_result, "best_n_subtypes", None)
+        best = summary.loc[summary["cvic"].idxmin()] if chosen is None else \
+            summary.loc[summary["n_subtypes"] == chosen].iloc[0]
+        label = "lowest" if chosen is None else "chosen"
         left.plot([best["n_subtypes"]], [best["cvic"]], "o", markersize=12, markerfacecolor="none",
-                  markeredgecolor="C3", label=f"lowest: {int(best['n_subtypes'])} subtypes")
+                  markeredgecolor="C3", label=f"{label}: {int(best['n_subtypes'])} subtypes")
         left.legend(frameon=False, fontsize=8)
     left.set_xlabel("number of subtypes")
     left.set_ylabel("CVIC")
