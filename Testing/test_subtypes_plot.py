@@ -85,7 +85,12 @@ def test_cv_summary_and_figure(tmp_path):
     np.testing.assert_allclose(summary["sd_test_loglik"], [np.sqrt(50), np.sqrt(18), np.sqrt(2)])
     fig = cv_figure(_cv(), save=tmp_path / "cv.png")
     left, right = fig.axes
-    assert [t.get_text() for t in left.get_legend().get_texts()] == ["lowest: 2 subtypes"]
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["chosen: 2 subtypes"]
+    # a third subtype that lowers CVIC by less than the tolerance is not the one marked
+    close = _cv()
+    close.cvic[3] = 365.0
+    marked = cv_figure(close).axes[0].get_legend().get_texts()[0].get_text()
+    assert close.lowest_cvic == 3 and marked == "chosen: 2 subtypes"
     np.testing.assert_allclose(right.collections[-1].get_offsets()[:, 1], _cv().table["test_loglik"])
     assert (tmp_path / "cv.png").is_file()
 
