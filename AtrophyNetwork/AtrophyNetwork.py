@@ -59,9 +59,7 @@ connectome), their convergence across patients, and rTMS targets::
 """
 
 import logging
-import os
 import pathlib
-import shutil
 from typing import Annotated
 
 import qt
@@ -79,6 +77,8 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+from NeuroAtrophyLib import childEnvironment, dependenciesInstalled, ensureDependencies, isGiven, slicerPythonExecutable
 
 PATIENT_FROM_COHORT = "cohort table"
 PATIENT_FROM_FILES = "thickness files"
@@ -369,7 +369,7 @@ class AtrophyNetworkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         running = self._job is not None
-        canFit = _isGiven(p.controlCohortTable) and _isGiven(p.modelFile) and not running
+        canFit = isGiven(p.controlCohortTable) and isGiven(p.modelFile) and not running
         self.ui.fitButton.enabled = canFit
         if canFit:
             self.ui.fitButton.toolTip = _("Fit the normative model on the controls (runs in the background)")
@@ -377,12 +377,12 @@ class AtrophyNetworkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fitButton.toolTip = _("Select a control cohort table and a model file")
         self.ui.cancelFitButton.visible = running and self._jobKind == "fit"
         self.ui.cancelNetworkButton.visible = running and self._jobKind in ("network", "connectome")
-        self.ui.loadModelButton.enabled = _isGiven(p.modelFile) and not running
+        self.ui.loadModelButton.enabled = isGiven(p.modelFile) and not running
         if p.patientSource == PATIENT_FROM_FILES:
-            patientGiven = _isGiven(p.lhThicknessFile) and _isGiven(p.rhThicknessFile)
+            patientGiven = isGiven(p.lhThicknessFile) and isGiven(p.rhThicknessFile)
         else:
-            patientGiven = _isGiven(p.patientCohortTable) and bool(p.patientId)
-        haveModel = self._model is not None or _isGiven(p.modelFile)
+            patientGiven = isGiven(p.patientCohortTable) and bool(p.patientId)
+        haveModel = self._model is not None or isGiven(p.modelFile)
         canCompute = patientGiven and haveModel and not running
         self.ui.computeButton.enabled = canCompute
         if canCompute:
@@ -390,9 +390,9 @@ class AtrophyNetworkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.computeButton.toolTip = _("Select a model and a patient")
 
-        self.ui.buildConnectomeButton.enabled = _isGiven(p.runsTable) and _isGiven(p.connectomeFolder) and not running
-        canMap = (_isGiven(p.connectomeFolder) and _isGiven(p.patientCohortTable) and _isGiven(p.modelFile)
-                  and _isGiven(p.networkOutputFolder) and not running)
+        self.ui.buildConnectomeButton.enabled = isGiven(p.runsTable) and isGiven(p.connectomeFolder) and not running
+        canMap = (isGiven(p.connectomeFolder) and isGiven(p.patientCohortTable) and isGiven(p.modelFile)
+                  and isGiven(p.networkOutputFolder) and not running)
         self.ui.mapNetworksButton.enabled = canMap
         if canMap:
             self.ui.mapNetworksButton.toolTip = _("Map the atrophy networks of the cohort's patients "
@@ -400,8 +400,8 @@ class AtrophyNetworkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.mapNetworksButton.toolTip = _("Select a connectome, a patient cohort table, a model file "
                                                   "and an output folder")
-        self.ui.loadNetworksButton.enabled = _isGiven(p.networkOutputFolder) and not running
-        self.ui.testOutcomeButton.enabled = (self._analysis is not None and _isGiven(p.patientCohortTable)
+        self.ui.loadNetworksButton.enabled = isGiven(p.networkOutputFolder) and not running
+        self.ui.testOutcomeButton.enabled = (self._analysis is not None and isGiven(p.patientCohortTable)
                                              and bool(p.outcomeColumn))
 
     @staticmethod
@@ -427,7 +427,7 @@ class AtrophyNetworkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if table == self._listedCohortTable:
             return
         ids, columns = [], []
-        if _isGiven(table) and pathlib.Path(table).is_file():
+        if isGiven(table) and pathlib.Path(table).is_file():
             if not self.logic.dependenciesInstalled():
                 return  # reading tables needs pandas: list the patients once it is installed
             try:
@@ -449,7 +449,7 @@ class AtrophyNetworkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if folder == self._listedConnectome:
             return
         text = ""
-        if _isGiven(folder) and pathlib.Path(folder).is_dir():
+        if isGiven(folder) and pathlib.Path(folder).is_dir():
             if not self.logic.dependenciesInstalled():
                 return
             text = self._connectomeText(folder)
@@ -788,7 +788,7 @@ class AtrophyNetworkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         markups = p.userTargetsMarkups
         if markups is not None and markups.GetNumberOfControlPoints() == 0:
             markups = None
-        table = p.userTargetsFile if _isGiven(p.userTargetsFile) else None
+        table = p.userTargetsFile if isGiven(p.userTargetsFile) else None
         if markups is None and table is None:
             return None if p.standardTargets else []
         return self.logic.networkTargets(markups=markups, targetsFile=table, standard=p.standardTargets)
@@ -858,7 +858,7 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
 
     def dependenciesInstalled(self) -> bool:
         """True if every package of ``Resources/requirements.txt`` is installed (checks metadata only)."""
-        return not _missingRequirements(_readRequirements(self.requirementsPath()))
+        return dependenciesInstalled(self.requirementsPath())
 
     def ensureDependencies(self) -> None:
         """Install missing Python packages, after asking the user. Call before using the library.
@@ -870,15 +870,7 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
         """
         if self._dependenciesChecked:
             return
-        requirements = _readRequirements(self.requirementsPath())
-        packaging = _slicerPackaging()
-        if packaging is not None:
-            # Slicer >= 5.12: asks, shows progress, offers a restart if an imported package changed.
-            packaging.pip_ensure(packaging.load_requirements(str(self.requirementsPath())), requester="AtrophyNetwork")
-        else:
-            missing = _missingRequirements(requirements)
-            if missing:
-                _installWithConsent(missing)
+        ensureDependencies(self.requirementsPath(), requester="AtrophyNetwork")
         self._dependenciesChecked = True
 
     # ---------------------------------------------------------------- fitting
@@ -886,12 +878,12 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def fitArguments(controlCohortTable, subjectsDirectory, modelFile, heteroskedastic=False, warp=False) -> list:
         """Arguments of ``neuroatrophy fit`` for these settings."""
-        if not _isGiven(controlCohortTable):
+        if not isGiven(controlCohortTable):
             raise ValueError(_("No control cohort table given."))
-        if not _isGiven(modelFile):
+        if not isGiven(modelFile):
             raise ValueError(_("No model file given."))
         args = ["fit", "--cohort", str(controlCohortTable), "--out", str(modelFile)]
-        if _isGiven(subjectsDirectory):
+        if isGiven(subjectsDirectory):
             args += ["--subjects-dir", str(subjectsDirectory)]
         if heteroskedastic:
             args.append("--heteroskedastic")
@@ -938,7 +930,7 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
 
     def loadModel(self, modelFile):
         """Read a normative model file (``neuroatrophy.thickness_model.CorticalThicknessModel``)."""
-        if not _isGiven(modelFile):
+        if not isGiven(modelFile):
             raise ValueError(_("No model file given."))
         self.ensureDependencies()
         from neuroatrophy.thickness_model import CorticalThicknessModel
@@ -1000,8 +992,8 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
         import numpy as np
         import pandas as pd
 
-        if _isGiven(lhFile) or _isGiven(rhFile):
-            if not (_isGiven(lhFile) and _isGiven(rhFile)):
+        if isGiven(lhFile) or isGiven(rhFile):
+            if not (isGiven(lhFile) and isGiven(rhFile)):
                 raise ValueError(_("Give both the left and the right hemisphere thickness files."))
             if age is None or sex is None:
                 raise ValueError(_("A patient given by files needs an age and a sex."))
@@ -1014,7 +1006,7 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
             subjectId = patientId or _subjectFromFile(lhFile)
             covariates = pd.DataFrame({"subject_id": [str(subjectId)], "age": [float(age)], "sex": [str(sex)],
                                        "site": [str(site)]})
-        elif patientId and _isGiven(cohortTable):
+        elif patientId and isGiven(cohortTable):
             from neuroatrophy.cohort import read_cohort
             from neuroatrophy.io import load_cohort_surface_data
 
@@ -1022,7 +1014,7 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
             covariates = cohort[cohort["subject_id"] == str(patientId)]
             if covariates.empty:
                 raise ValueError(f"Subject '{patientId}' is not in the cohort table {cohortTable}")
-            subjects = pathlib.Path(subjectsDirectory) if _isGiven(subjectsDirectory) else None
+            subjects = pathlib.Path(subjectsDirectory) if isGiven(subjectsDirectory) else None
             y = load_cohort_surface_data(covariates, subjects)[0]
         else:
             raise ValueError(_("Give a patient ID and a cohort table, or two thickness files."))
@@ -1074,9 +1066,9 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
 
         ``bandpass`` is ``(low, high)`` in Hz, None or 0 for no bound; it needs ``tr`` (seconds).
         """
-        if not _isGiven(runsTable):
+        if not isGiven(runsTable):
             raise ValueError(_("No runs table given."))
-        if not _isGiven(connectomeFolder):
+        if not isGiven(connectomeFolder):
             raise ValueError(_("No connectome folder given."))
         if space not in CONNECTOME_SPACES:
             raise ValueError(f"space must be one of {CONNECTOME_SPACES}, got {space!r}")
@@ -1152,7 +1144,7 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
         """
         for value, what in ((cohortTable, _("cohort table")), (modelFile, _("model file")),
                             (connectomeFolder, _("connectome folder")), (outputFolder, _("output folder"))):
-            if not _isGiven(value):
+            if not isGiven(value):
                 raise ValueError(_("No {what} given.").format(what=what))
         if weighting not in SEED_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {SEED_WEIGHTINGS}, got {weighting!r}")
@@ -1170,7 +1162,7 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
                 "--t-threshold", tThreshold if tThreshold == "auto" else repr(tThreshold),
                 "--n-null", str(int(nNull)), "--threshold", repr(float(zThreshold)),
                 "--min-cluster-size", str(int(minClusterSize))]
-        if _isGiven(subjectsDirectory):
+        if isGiven(subjectsDirectory):
             args += ["--subjects-dir", str(subjectsDirectory)]
         if targetsFile is not None:
             args += ["--targets", str(targetsFile)]
@@ -1247,7 +1239,7 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
 
     def loadNetworkAnalysis(self, folder):
         """Read network results written by :meth:`mapNetworks` (``neuroatrophy.network_analysis.NetworkAnalysis``)."""
-        if not _isGiven(folder):
+        if not isGiven(folder):
             raise ValueError(_("No network output folder given."))
         self.ensureDependencies()
         from neuroatrophy.network_analysis import NetworkAnalysis
@@ -1303,7 +1295,7 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
         self.ensureDependencies()
         import neuroatrophy.network_scene
 
-        table = pathlib.Path(targetsFile) if _isGiven(targetsFile) else None
+        table = pathlib.Path(targetsFile) if isGiven(targetsFile) else None
         return neuroatrophy.network_scene.network_targets(markups=markups, table=table, standard=standard)
 
     def targetsFromMarkups(self, markupsNode, radiusMm=None) -> list:
@@ -1414,7 +1406,7 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
     def _startJob(self, args):
         from neuroatrophy.jobs import Job
 
-        job = Job(args, python=slicer_python_executable(), env=_childEnvironment())
+        job = Job(args, python=slicerPythonExecutable(), env=childEnvironment())
         logging.info(f"AtrophyNetwork: running {' '.join(job.command)}")
         return job.start()
 
@@ -1439,96 +1431,16 @@ class AtrophyNetworkLogic(ScriptedLoadableModuleLogic):
 #
 
 
-def slicer_python_executable() -> str:
-    """The ``PythonSlicer`` launcher, which runs Slicer's Python with Slicer's environment.
-
-    Inside Slicer ``sys.executable`` is the application itself, which cannot run ``python -m``.
-    """
-    found = shutil.which("PythonSlicer")
-    if found:
-        return found
-    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-    candidate = pathlib.Path(slicer.app.slicerHome) / "bin" / name
-    if candidate.is_file():
-        return str(candidate)
-    raise RuntimeError(_("The PythonSlicer executable was not found (looked on PATH and in {folder}).").format(
-        folder=candidate.parent))
-
-
 def _subjectFromFile(path) -> str:
     """A name for a patient given by files: the subject folder of <subject>/surf/lh.thickness..., else the folder."""
     folder = pathlib.Path(path).resolve().parent
     return folder.parent.name if folder.name == "surf" else folder.name
 
 
-def _childEnvironment() -> dict:
-    # The launcher sets Slicer's paths itself; start it from the environment Slicer was started in.
-    return slicer.util.startupEnvironment()
-
-
 def _bandpass(parameterNode):
     """Band-pass of the build options, ``(low, high)`` in Hz, or None when both bounds are 0 (none)."""
     low, high = parameterNode.bandpassLow, parameterNode.bandpassHigh
     return (low or None, high or None) if (low or high) else None
-
-
-def _isGiven(path) -> bool:
-    """False for None, "" and pathlib.Path() (which a parameter node holds for an empty path)."""
-    return path is not None and str(path) not in ("", ".")
-
-
-def _slicerPackaging():
-    try:
-        import slicer.packaging
-    except ImportError:  # Slicer < 5.12
-        return None
-    return slicer.packaging if hasattr(slicer.packaging, "pip_ensure") else None
-
-
-def _readRequirements(path) -> list:
-    lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
-    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
-
-
-def _missingRequirements(requirements) -> list:
-    """The requirements (``name>=version`` strings) that are not installed or too old."""
-    import importlib.metadata
-
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:
-        Requirement = None
-    missing = []
-    for requirement in requirements:
-        if Requirement is not None:
-            parsed = Requirement(requirement)
-            name, specifier = parsed.name, parsed.specifier
-        else:
-            name, specifier = requirement.split(">=")[0].strip(), None
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(requirement)
-            continue
-        if specifier is not None and not specifier.contains(version, prereleases=True):
-            missing.append(requirement)
-    return missing
-
-
-def _installWithConsent(missing) -> None:
-    """Slicer < 5.12: ask, then install with ``slicer.util.pip_install`` behind a progress dialog."""
-    question = _("AtrophyNetwork needs these Python packages, which are not installed yet:\n\n{packages}\n\n"
-                 "Install them now? This may take a few minutes.").format(packages="\n".join(missing))
-    if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("Install Python packages")):
-        raise RuntimeError(_("AtrophyNetwork cannot run without these Python packages: {packages}").format(
-            packages=", ".join(missing)))
-    progress = slicer.util.createProgressDialog(labelText=_("Installing {packages}...").format(
-        packages=", ".join(missing)), maximum=0)
-    slicer.app.processEvents()
-    try:
-        slicer.util.pip_install(missing)
-    finally:
-        progress.close()
 
 
 #

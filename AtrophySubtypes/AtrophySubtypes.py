@@ -34,9 +34,7 @@ Use from Slicer's Python console::
 """
 
 import logging
-import os
 import pathlib
-import shutil
 from typing import Annotated
 
 import qt
@@ -53,6 +51,8 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+from NeuroAtrophyLib import childEnvironment, dependenciesInstalled, ensureDependencies, isGiven, slicerPythonExecutable
 
 KINDS = ("zscore", "mixture")
 DIRECTIONS = ("lower", "higher")
@@ -264,13 +264,13 @@ class AtrophySubtypesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         running = self._job is not None
-        haveTable = p.inputTableNode is not None or _isGiven(p.cohortTable)
-        canFit = haveTable and _isGiven(p.outputFolder) and not running
+        haveTable = p.inputTableNode is not None or isGiven(p.cohortTable)
+        canFit = haveTable and isGiven(p.outputFolder) and not running
         self.ui.fitButton.enabled = canFit
         self.ui.fitButton.toolTip = (_("Z-score the cohort and fit SuStaIn (runs in the background)") if canFit
                                      else _("Select a cohort table and an output folder"))
         self.ui.cancelButton.visible = running
-        self.ui.loadButton.enabled = _isGiven(p.outputFolder) and not running
+        self.ui.loadButton.enabled = isGiven(p.outputFolder) and not running
 
     # ------------------------------------------------------------ background job
 
@@ -422,7 +422,7 @@ class AtrophySubtypesLogic(ScriptedLoadableModuleLogic):
 
     def dependenciesInstalled(self) -> bool:
         """True if every package of ``Resources/requirements.txt`` is installed (checks metadata only)."""
-        return not _missingRequirements(_readRequirements(self.requirementsPath()))
+        return dependenciesInstalled(self.requirementsPath())
 
     def ensureDependencies(self) -> None:
         """Install missing Python packages, after asking the user. Call before using the library.
@@ -434,14 +434,7 @@ class AtrophySubtypesLogic(ScriptedLoadableModuleLogic):
         """
         if self._dependenciesChecked:
             return
-        packaging = _slicerPackaging()
-        if packaging is not None:
-            # Slicer >= 5.12: asks, shows progress, offers a restart if an imported package changed.
-            packaging.pip_ensure(packaging.load_requirements(str(self.requirementsPath())), requester="AtrophySubtypes")
-        else:
-            missing = _missingRequirements(_readRequirements(self.requirementsPath()))
-            if missing:
-                _installWithConsent(missing)
+        ensureDependencies(self.requirementsPath(), requester="AtrophySubtypes")
         self._dependenciesChecked = True
 
     # ------------------------------------------------------------ inputs
@@ -461,7 +454,7 @@ class AtrophySubtypesLogic(ScriptedLoadableModuleLogic):
 
             frame = mrml.dataframe_from_table(table)
         else:
-            if not _isGiven(table):
+            if not isGiven(table):
                 raise ValueError(_("No cohort table given."))
             path = pathlib.Path(table)
             if not path.is_file():
@@ -557,7 +550,7 @@ class AtrophySubtypesLogic(ScriptedLoadableModuleLogic):
 
         from neuroatrophy.io import atomic_write
 
-        if not _isGiven(outputFolder):
+        if not isGiven(outputFolder):
             raise ValueError(_("No output folder given."))
         files = self.inputFiles(outputFolder)
         if not files["zscores"].parent.is_dir():
@@ -616,7 +609,7 @@ class AtrophySubtypesLogic(ScriptedLoadableModuleLogic):
         with ``job.cancel()``). Progress is reported per start point and MCMC iteration.
         """
         self.ensureDependencies()
-        if not _isGiven(outputFolder):
+        if not isGiven(outputFolder):
             raise ValueError(_("No output folder given."))
         zscores = self.computeZScores(table, regions, groupColumn, controlLabel, covariates, abnormal)
         likelihoods = None
@@ -657,7 +650,7 @@ class AtrophySubtypesLogic(ScriptedLoadableModuleLogic):
     def _startJob(self, args):
         from neuroatrophy.jobs import Job
 
-        job = Job(args, python=slicer_python_executable(), env=_childEnvironment())
+        job = Job(args, python=slicerPythonExecutable(), env=childEnvironment())
         logging.info(f"AtrophySubtypes: running {' '.join(job.command)}")
         return job.start()
 
@@ -665,7 +658,7 @@ class AtrophySubtypesLogic(ScriptedLoadableModuleLogic):
 
     def loadResult(self, outputFolder):
         """Read an analysis folder (``neuroatrophy.subtypes_pipeline.SubtypesResult``)."""
-        if not _isGiven(outputFolder):
+        if not isGiven(outputFolder):
             raise ValueError(_("No output folder given."))
         self.ensureDependencies()
         from neuroatrophy.subtypes_pipeline import SubtypesResult
@@ -677,9 +670,9 @@ class AtrophySubtypesLogic(ScriptedLoadableModuleLogic):
 
         The default (None) is FreeSurfer aparc+aseg (Desikan-Killiany) in MNI space at 2 mm.
         """
-        if not _isGiven(labelFile) and not _isGiven(mappingFile):
+        if not isGiven(labelFile) and not isGiven(mappingFile):
             return None
-        if not (_isGiven(labelFile) and _isGiven(mappingFile)):
+        if not (isGiven(labelFile) and isGiven(mappingFile)):
             raise ValueError(_("Give both the atlas label volume and its region table (region, label)."))
         self.ensureDependencies()
         from neuroatrophy.subtypes_atlas import RegionAtlas
@@ -699,7 +692,7 @@ class AtrophySubtypesLogic(ScriptedLoadableModuleLogic):
         else drawn now into a temporary file.
         """
         n = result.chosen_n_subtypes
-        if _isGiven(outputFolder):
+        if isGiven(outputFolder):
             written = pathlib.Path(outputFolder) / f"pvd_k{n}.png"
             if written.is_file():
                 return written
@@ -721,86 +714,6 @@ class AtrophySubtypesLogic(ScriptedLoadableModuleLogic):
 #
 # Helpers
 #
-
-
-def slicer_python_executable() -> str:
-    """The ``PythonSlicer`` launcher, which runs Slicer's Python with Slicer's environment.
-
-    Inside Slicer ``sys.executable`` is the application itself, which cannot run ``python -m``.
-    """
-    found = shutil.which("PythonSlicer")
-    if found:
-        return found
-    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-    candidate = pathlib.Path(slicer.app.slicerHome) / "bin" / name
-    if candidate.is_file():
-        return str(candidate)
-    raise RuntimeError(_("The PythonSlicer executable was not found (looked on PATH and in {folder}).").format(
-        folder=candidate.parent))
-
-
-def _childEnvironment() -> dict:
-    # The launcher sets Slicer's paths itself; start it from the environment Slicer was started in.
-    return slicer.util.startupEnvironment()
-
-
-def _isGiven(path) -> bool:
-    """False for None, "" and pathlib.Path() (which a parameter node holds for an empty path)."""
-    return path is not None and str(path) not in ("", ".")
-
-
-def _slicerPackaging():
-    try:
-        import slicer.packaging
-    except ImportError:  # Slicer < 5.12
-        return None
-    return slicer.packaging if hasattr(slicer.packaging, "pip_ensure") else None
-
-
-def _readRequirements(path) -> list:
-    lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
-    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
-
-
-def _missingRequirements(requirements) -> list:
-    """The requirements (``name>=version`` strings) that are not installed or too old."""
-    import importlib.metadata
-
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:
-        Requirement = None
-    missing = []
-    for requirement in requirements:
-        if Requirement is not None:
-            parsed = Requirement(requirement)
-            name, specifier = parsed.name, parsed.specifier
-        else:
-            name, specifier = requirement.split(">=")[0].strip(), None
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(requirement)
-            continue
-        if specifier is not None and not specifier.contains(version, prereleases=True):
-            missing.append(requirement)
-    return missing
-
-
-def _installWithConsent(missing) -> None:
-    """Slicer < 5.12: ask, then install with ``slicer.util.pip_install`` behind a progress dialog."""
-    question = _("AtrophySubtypes needs these Python packages, which are not installed yet:\n\n{packages}\n\n"
-                 "Install them now? This may take a few minutes.").format(packages="\n".join(missing))
-    if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("Install Python packages")):
-        raise RuntimeError(_("AtrophySubtypes cannot run without these Python packages: {packages}").format(
-            packages=", ".join(missing)))
-    progress = slicer.util.createProgressDialog(labelText=_("Installing {packages}...").format(
-        packages=", ".join(missing)), maximum=0)
-    slicer.app.processEvents()
-    try:
-        slicer.util.pip_install(missing)
-    finally:
-        progress.close()
 
 
 #
