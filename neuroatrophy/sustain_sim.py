@@ -38,8 +38,29 @@ __all__ = [
 _MAX_REDRAWS = 100
 
 
+class _Truth:
+    """What both simulated cohorts share: names, event count, cases and the true subject table."""
+
+    @property
+    def biomarkers(self) -> list[str]:
+        return [str(c) for c in self.data.columns]
+
+    @property
+    def n_events(self) -> int:
+        return len(self.event_biomarker)
+
+    @property
+    def is_case(self) -> np.ndarray:
+        """(M,) bool, true stage > 0."""
+        return self.stage > 0
+
+    def truth(self) -> pd.DataFrame:
+        """The true ``ml_subtype`` (0 for controls) and ``ml_stage`` as a subject table."""
+        return pd.DataFrame({"ml_subtype": self.subtype, "ml_stage": self.stage}, index=self.data.index)
+
+
 @dataclass
-class SimulatedCohort:
+class SimulatedCohort(_Truth):
     """A simulated z-score SuStaIn cohort and its ground truth.
 
     Attributes
@@ -75,19 +96,6 @@ class SimulatedCohort:
     z_levels: list
     z_max: np.ndarray
 
-    @property
-    def biomarkers(self) -> list[str]:
-        return [str(c) for c in self.data.columns]
-
-    @property
-    def n_events(self) -> int:
-        return len(self.event_biomarker)
-
-    @property
-    def is_case(self) -> np.ndarray:
-        """(M,) bool, true stage > 0."""
-        return self.stage > 0
-
     def z_vals(self) -> np.ndarray:
         """pySuStaIn's ``Z_vals``: (B, max number of z-levels), 0 where a biomarker has no event."""
         width = max(len(levels) for levels in self.z_levels)
@@ -96,13 +104,10 @@ class SimulatedCohort:
             out[b, : len(levels)] = levels
         return out
 
-    def truth(self) -> pd.DataFrame:
-        """The true ``ml_subtype`` (0 for controls) and ``ml_stage`` as a subject table."""
-        return pd.DataFrame({"ml_subtype": self.subtype, "ml_stage": self.stage}, index=self.data.index)
 
 
 @dataclass
-class SimulatedMixture:
+class SimulatedMixture(_Truth):
     """A simulated event-based (mixture) SuStaIn cohort and its ground truth.
 
     Attributes
@@ -134,20 +139,6 @@ class SimulatedMixture:
     event_z: np.ndarray
     shift: float
 
-    @property
-    def biomarkers(self) -> list[str]:
-        return [str(c) for c in self.data.columns]
-
-    @property
-    def n_events(self) -> int:
-        return len(self.event_biomarker)
-
-    @property
-    def is_case(self) -> np.ndarray:
-        return self.stage > 0
-
-    def truth(self) -> pd.DataFrame:
-        return pd.DataFrame({"ml_subtype": self.subtype, "ml_stage": self.stage}, index=self.data.index)
 
 
 # --------------------------------------------------------------------------- events
