@@ -20,6 +20,19 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
+# Debian's mricron-data holds the real Colin27 T1 with AAL labels on the same grid (the thalamus
+# demo and tests use them).
+if [ ! -f /usr/share/mricron/templates/ch2.nii.gz ]; then
+  echo "==> installing the Debian package mricron-data (Colin27 T1 + AAL labels)"
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -q mricron-data >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q mricron-data >/dev/null; }
+  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
+    sudo apt-get install -y -q mricron-data >/dev/null || { sudo apt-get update -q >/dev/null && sudo apt-get install -y -q mricron-data >/dev/null; }
+  else
+    echo "run.sh: the Debian package mricron-data is needed (/usr/share/mricron/templates/ch2.nii.gz); install it with apt-get install mricron-data" >&2
+    exit 1
+  fi
+fi
 echo "==> installing neuroatrophy and its dependencies"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # slicer-core gives the real MRML scene without Qt: the demo writes a Slicer scene with it.

@@ -181,17 +181,25 @@ def cmd_demo(args, reporter) -> int:
     from .demo import run_demo
     from .parallel import scaled_progress
 
-    # The subtypes step (its own synthetic cohort, out/subtypes/) takes the last 15 %.
-    share = 1.0 if args.skip_subtypes else 0.85
+    # The subtypes step (its own synthetic cohort, out/subtypes/) and the thalamus step
+    # (Colin27 and a synthetic cohort, out/thalamus/) take the last part of the progress bar.
+    subtypes_share = 0.0 if args.skip_subtypes else 0.15
+    thalamus_share = 0.0 if args.skip_thalamus else 0.2
+    first = 1.0 - subtypes_share - thalamus_share
     result = run_demo(args.out, n_controls=args.n_controls, n_patients=args.n_patients, seed=args.seed,
-                      progress=scaled_progress(reporter.progress, 0.0, share))
+                      progress=scaled_progress(reporter.progress, 0.0, first))
     if not args.skip_subtypes:
         from .demo_subtypes import run_subtypes_demo
 
         subtypes = run_subtypes_demo(Path(args.out) / "subtypes", seed=args.seed,
-                                     progress=scaled_progress(reporter.progress, share, 1.0))
+                                     progress=scaled_progress(reporter.progress, first, first + subtypes_share))
         result["subtypes"] = {"recovery": subtypes["recovery"], "paths": subtypes["paths"],
                               "seconds": subtypes["seconds"]}
+    if not args.skip_thalamus:
+        from .demo_thalamus import run_thalamus_demo
+
+        result["thalamus"] = run_thalamus_demo(Path(args.out) / "thalamus", seed=args.seed,
+                                               progress=scaled_progress(reporter.progress, 1.0 - thalamus_share, 1.0))
     reporter.info(json.dumps(_jsonable(result), indent=2))
     return 0
 
@@ -796,6 +804,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output folder for the association tables")
     a.set_defaults(func=cmd_subtypes_associate)
 
+    from .cli_thalamus import add_thalamus_parser
+
+    add_thalamus_parser(sub, common)
+
     p = common(sub.add_parser("demo", help="run the demo on a synthetic cohort built from fsaverage5"), cohort=False)
     p.add_argument("--out", default="demo-output")
     p.add_argument("--n-controls", type=int, default=600)
@@ -803,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-subtypes", action="store_true",
                    help="leave out the subtypes (SuStaIn) step on its own synthetic cohort (out/subtypes/)")
+    p.add_argument("--skip-thalamus", action="store_true",
+                   help="leave out the thalamus segmentation step (Colin27 and a synthetic cohort, out/thalamus/)")
     p.set_defaults(func=cmd_demo)
     return parser
 
