@@ -179,7 +179,10 @@ class ThalamusSegmenter:
         Parameters
         ----------
         images : path, nibabel image, or mapping name -> path/image
-            Scans of the same head (any grids); the result lies on the first one's grid.
+            Scans of the same head in the same scanner (world) space, e.g. one session: their grids
+            may differ (each is registered on its own), but the result is mapped onto the first
+            one's grid through world coordinates, so scans from different sessions must be
+            co-registered first.
         progress : callable(fraction, message), optional
             Raising :class:`~neuroatrophy.parallel.Cancelled` from it stops the run.
         ensemble : {"majority", "mean", "staple"}
