@@ -102,7 +102,6 @@ class ThalamusSegParameterNode:
     testTimeAugmentation - Average the network over mirrored copies of the input.
     ensembleMethod - How several contrasts' segmentations are combined ("majority", "staple", "mean").
     modelFile - Network weights instead of the shipped model (optional).
-    skullStrip - Remove the skull before registration.
     loadProbability - Also load the thalamus probability map.
     outputFolder - Folder the segmentation is written to (empty: a temporary folder).
     referenceNode - Reference segmentation or 10/49 label map of the evaluation.
@@ -116,7 +115,6 @@ class ThalamusSegParameterNode:
     testTimeAugmentation: bool = False
     ensembleMethod: Annotated[str, Choice(list(ENSEMBLE_METHODS))] = ENSEMBLE_METHODS[0]
     modelFile: pathlib.Path
-    skullStrip: bool = False
     loadProbability: bool = False
     outputFolder: pathlib.Path
     referenceNode: typing.Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
@@ -271,7 +269,7 @@ class ThalamusSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volumes = self._inputVolumes()
             folder = p.outputFolder if isGiven(p.outputFolder) else self.logic.temporaryFolder()
             job = self.logic.startSegmentation(volumes, folder, tta=p.testTimeAugmentation,
-                                               ensemble=p.ensembleMethod, model=p.modelFile, skullStrip=p.skullStrip)
+                                               ensemble=p.ensembleMethod, model=p.modelFile)
             self._startPolling(job, "segment", folder)
             self._jobReference = self.logic.outputGeometryVolume(volumes)
             self._jobProbability = p.loadProbability
@@ -525,7 +523,7 @@ class ThalamusSegLogic(ScriptedLoadableModuleLogic):
         return {contrast: write_volume(node, folder / f"{contrast}.nii.gz") for contrast, node in volumes.items()}
 
     @staticmethod
-    def segmentArguments(images, outputFolder, tta=False, ensemble="majority", model=None, skullStrip=False) -> list:
+    def segmentArguments(images, outputFolder, tta=False, ensemble="majority", model=None) -> list:
         """Arguments of ``neuroatrophy thalamus segment`` for written inputs ``{contrast: path}``."""
         if ensemble not in ENSEMBLE_METHODS:
             raise ValueError(f"ensemble must be one of {ENSEMBLE_METHODS}, got {ensemble!r}")
@@ -539,11 +537,9 @@ class ThalamusSegLogic(ScriptedLoadableModuleLogic):
             args += ["--ensemble", ensemble]
         if isGiven(model):
             args += ["--model", str(model)]
-        if skullStrip:
-            args.append("--skull-strip")
         return args
 
-    def startSegmentation(self, volumes, outputFolder, tta=False, ensemble="majority", model=None, skullStrip=False):
+    def startSegmentation(self, volumes, outputFolder, tta=False, ensemble="majority", model=None):
         """Write the inputs, then start ``neuroatrophy thalamus segment`` in a background process.
 
         Parameters
@@ -552,7 +548,7 @@ class ThalamusSegLogic(ScriptedLoadableModuleLogic):
             ``{"T1w": node, "FLAIR": node, "R1": node}``, any non-empty subset.
         outputFolder : str or pathlib.Path
             Folder the command writes (replaced); the inputs go to :meth:`inputFolder`.
-        tta, ensemble, model, skullStrip
+        tta, ensemble, model
             Options of the command (``ensemble`` applies with several inputs).
 
         Returns
@@ -564,7 +560,7 @@ class ThalamusSegLogic(ScriptedLoadableModuleLogic):
         if isGiven(model) and not pathlib.Path(model).is_file():
             raise FileNotFoundError(f"model file not found: {model}")
         images = self.writeInputs(volumes, outputFolder)
-        return self._startJob(self.segmentArguments(images, outputFolder, tta, ensemble, model, skullStrip))
+        return self._startJob(self.segmentArguments(images, outputFolder, tta, ensemble, model))
 
     def segment(self, volumes, outputFolder=None, wait=True, progressCallback=None, probability=False, **options):
         """Segment the thalamus; see :meth:`startSegmentation` for the options.

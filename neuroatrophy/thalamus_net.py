@@ -56,6 +56,8 @@ class ThalamusModel:
     normalization: dict = field(default_factory=lambda: {"method": "percentile", "low": 0.5, "high": 99.5})
     training: dict = field(default_factory=dict)
     path: Path | None = None
+    #: thalamus-probability threshold of the labels (calibrated after training; see the model card)
+    threshold: float = 0.5
 
     def save(self, path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json`` atomically; returns the weights path."""
@@ -72,6 +74,7 @@ class ThalamusModel:
             "architecture": self.architecture,
             "box": self.box or THALAMUS_BOX,
             "normalization": self.normalization,
+            "threshold": self.threshold,
             "labels": {"0": "background", "1": "left thalamus (FreeSurfer 10)", "2": "right thalamus (FreeSurfer 49)"},
             "training": self.training,
         }
@@ -137,4 +140,4 @@ def load_model(path=None, device: str = "cpu") -> ThalamusModel:
     network.to(device).eval()
     return ThalamusModel(network=network, architecture=meta["architecture"], box=meta["box"],
                          normalization=meta.get("normalization", {}), training=meta.get("training", {}),
-                         path=weights)
+                         path=weights, threshold=float(meta.get("threshold", 0.5)))

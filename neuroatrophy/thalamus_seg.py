@@ -133,10 +133,14 @@ class ThalamusSegmenter:
         Sliding-window size; default the model's box.
     threads : int, optional
         torch CPU threads (default: torch's own choice).
+    threshold : float, optional
+        A voxel is thalamus when its thalamus probability (left + right) exceeds this; its side is
+        the likelier one. Default: the model file's calibrated ``threshold`` (the mean over an
+        ensemble's models), 0.5 for a model without one.
     """
 
     def __init__(self, models=None, tta: bool = False, device: str = "cpu", sw_batch_size: int = 1,
-                 overlap: float = 0.5, roi_size=None, threads: int | None = None):
+                 overlap: float = 0.5, roi_size=None, threads: int | None = None, threshold: float | None = None):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
@@ -146,6 +150,11 @@ class ThalamusSegmenter:
             raise ValueError("models: give at least one model file (or None for the shipped weights)")
         self.models = [m if isinstance(m, ThalamusModel) else load_model(m, device=device) for m in models]
         self.tta = bool(tta)
+        if threshold is None:
+            threshold = float(np.mean([m.threshold for m in self.models]))
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {threshold!r}")
+        self.threshold = float(threshold)
         self.sw_batch_size = int(sw_batch_size)
         self.overlap = float(overlap)
         self.roi_size = roi_size
@@ -208,13 +217,13 @@ class ThalamusSegmenter:
                 member_probs[member] = _native_probabilities(prob, registrations[name], reference, model.box)
                 step += 1
         report(step / n_steps, "combining" if len(member_probs) > 1 else "labelling")
-        result = _combine(member_probs, reference, ensemble)
+        result = _combine(member_probs, reference, ensemble, self.threshold)
         result.registrations = registrations
         result.settings = {
             "inputs": {name: input_name(images[name] if isinstance(images, Mapping) else images, name)
                        for name in inputs},
             "models": [str(m.path) if m.path else "in memory" for m in self.models],
-            "tta": self.tta, "ensemble": ensemble if len(member_probs) > 1 else None,
+            "tta": self.tta, "threshold": self.threshold, "ensemble": ensemble if len(member_probs) > 1 else None,
             "sw_batch_size": self.sw_batch_size, "overlap": self.overlap, "device": self.device,
         }
         report(1.0, "done")
@@ -249,11 +258,13 @@ def _common_region(members: dict, shape) -> tuple:
     return out, union
 
 
-def _labels_from_probabilities(prob: np.ndarray) -> np.ndarray:
-    classes = prob.argmax(axis=0)
-    labels = np.zeros(classes.shape, dtype=np.int16)
-    labels[classes == 1] = LEFT
-    labels[classes == 2] = RIGHT
+def _labels_from_probabilities(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Thalamus where P(left) + P(right) > threshold, on the likelier side; largest component per side."""
+    thalamus = (1.0 - prob[0]) > threshold
+    labels = np.zeros(thalamus.shape, dtype=np.int16)
+    left = prob[1] >= prob[2]
+    labels[thalamus & left] = LEFT
+    labels[thalamus & ~left] = RIGHT
     return largest_component_per_side(labels)
 
 
@@ -270,7 +281,7 @@ def largest_component_per_side(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _combine(member_probs: dict, reference, method: str) -> ThalamusResult:
+def _combine(member_probs: dict, reference, method: str, threshold: float = 0.5) -> ThalamusResult:
     """Labels and probability on the reference grid; the work is done in the members' region only."""
     members, region = _common_region(member_probs, reference.shape[:3])
     shape, affine = tuple(reference.shape[:3]), reference.affine
@@ -283,11 +294,11 @@ def _combine(member_probs: dict, reference, method: str) -> ThalamusResult:
     mean_prob = np.mean(list(members.values()), axis=0)
     probability = on_grid(1.0 - mean_prob[0], np.float32)
     if len(members) == 1:
-        labels = on_grid(_labels_from_probabilities(mean_prob), np.int16)
+        labels = on_grid(_labels_from_probabilities(mean_prob, threshold), np.int16)
         return ThalamusResult(labels=labels, probability=probability, volumes=thalamus_volumes(labels))
-    member_labels = {name: _labels_from_probabilities(p) for name, p in members.items()}
+    member_labels = {name: _labels_from_probabilities(p, threshold) for name, p in members.items()}
     if method == "mean":
-        labels = _labels_from_probabilities(mean_prob)
+        labels = _labels_from_probabilities(mean_prob, threshold)
         vote = np.mean([m > 0 for m in member_labels.values()], axis=0)
     else:
         labels, vote = _ensemble_arrays(list(member_labels.values()), method, tie_break=mean_prob)

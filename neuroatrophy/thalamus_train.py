@@ -43,6 +43,12 @@ class TrainConfig:
     #: training crops (voxels, centred in the inference box; smaller than it for speed: the
     #: network is fully convolutional and the random translation moves the thalami within it)
     train_shape: tuple = (80, 64, 48)
+    #: loss = lambda_dice * soft Dice + lambda_ce * cross-entropy; a Dice-dominated loss
+    #: over-segments ambiguous (blurred, thick-slice) boundaries, cross-entropy keeps volumes calibrated
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+    #: start from this model file's weights (fine-tuning), or from scratch when None
+    init_from: str | None = None
     architecture: dict = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
     synth: dict = field(default_factory=lambda: asdict(SynthConfig()))
 
@@ -110,15 +116,17 @@ def dice_per_side(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def _validate(network, cases) -> float:
+def _validate(network, cases) -> tuple[float, float]:
+    """Mean Dice (both sides) and mean volume error (%) on the validation cases."""
     network.eval()
-    scores = []
+    scores, volume_errors = [], []
     with torch.inference_mode():
         for image, target in cases:
             pred = network(torch.from_numpy(image)[None, None]).argmax(1)[0].numpy()
             scores.extend(dice_per_side(pred, target))
+            volume_errors.append(100.0 * (np.count_nonzero(pred) / max(np.count_nonzero(target), 1) - 1.0))
     network.train()
-    return float(np.mean(scores))
+    return float(np.mean(scores)), float(np.mean(volume_errors))
 
 
 def train(config: TrainConfig, out, progress=None, log=print) -> ThalamusModel:
@@ -133,8 +141,12 @@ def train(config: TrainConfig, out, progress=None, log=print) -> ThalamusModel:
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     network = build_network(config.architecture)
+    if config.init_from:
+        from .thalamus_net import load_model
+
+        network.load_state_dict(load_model(config.init_from).network.state_dict())
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=config.lambda_dice, lambda_ce=config.lambda_ce)
     loader = torch.utils.data.DataLoader(_SyntheticStream(config.seed, config.synth, _train_box(config)), batch_size=config.batch_size,
                                          num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
     synth = ThalamusSynth(SynthConfig(**config.synth), box=_train_box(config))
@@ -153,9 +165,11 @@ def train(config: TrainConfig, out, progress=None, log=print) -> ThalamusModel:
         optimizer.step()
         last = done >= 1.0
         if it % config.validation_every == 0 or last:
-            dice = _validate(network, val_cases)
-            history.append({"iteration": it, "minutes": round(elapsed, 2), "loss": float(loss.detach()), "val_dice": dice})
-            log(f"iteration {it}: loss {float(loss.detach()):.4f}, validation Dice {dice:.4f}, {elapsed:.1f} min")
+            dice, volume_error = _validate(network, val_cases)
+            history.append({"iteration": it, "minutes": round(elapsed, 2), "loss": float(loss.detach()),
+                             "val_dice": dice, "val_volume_error_pct": volume_error})
+            log(f"iteration {it}: loss {float(loss.detach()):.4f}, validation Dice {dice:.4f}, "
+                f"volume error {volume_error:+.1f} %, {elapsed:.1f} min")
             if dice > best:
                 best = dice
                 model.training = _record(config, it, elapsed, best, history)
