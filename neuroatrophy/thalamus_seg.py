@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,8 +227,23 @@ class ThalamusSegmenter:
             "tta": self.tta, "threshold": self.threshold, "ensemble": ensemble if len(member_probs) > 1 else None,
             "sw_batch_size": self.sw_batch_size, "overlap": self.overlap, "device": self.device,
         }
+        _warn_if_implausible(result, inputs)
         report(1.0, "done")
         return result
+
+
+#: a side smaller than this (mm³) is implausible for an adult thalamus (typically 6,000-11,000)
+MIN_PLAUSIBLE_SIDE_MM3 = 3000.0
+
+
+def _warn_if_implausible(result, inputs) -> None:
+    """Warn (naming the inputs) when a side is implausibly small: usually a failed registration."""
+    small = [side for side in ("left", "right") if result.volumes[side] < MIN_PLAUSIBLE_SIDE_MM3]
+    if small:
+        metrics = ", ".join(f"{name}: {reg.metric:.3f}" for name, reg in result.registrations.items())
+        warnings.warn(f"thalamus segmentation of {', '.join(inputs)}: the {' and '.join(small)} thalamus is only "
+                      f"{', '.join(f'{result.volumes[s]:.0f}' for s in small)} mm³; the registration to MNI has "
+                      f"probably failed (final metrics {metrics}); check the input's orientation and field of view")
 
 
 def _named_inputs(images) -> dict:
