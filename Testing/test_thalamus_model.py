@@ -70,7 +70,7 @@ def test_real_templates(segmenter):
     report = real_template_report(segmenter)
     both = report[report["structure"] == "both"].set_index("subject")
     assert both.loc["Colin27 vs AAL", "dice"] >= 0.78
-    assert both.loc["ICBM 2009c vs HCPex", "dice"] >= 0.85
+    assert both.loc["ICBM 2009c vs HCPex", "dice"] >= 0.83
     for side in ("left", "right"):
         rows = report[report["structure"] == side]
         assert (rows["dice"] > 0.7).all(), rows
