@@ -458,7 +458,7 @@ def _subtypes_model(path, n_subtypes):
     return model
 
 
-def _read_table(path, what):
+def _read_table(path, what, required=("subject_id",)):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -471,8 +471,9 @@ def _read_table(path, what):
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise ValueError(f"could not parse {what} {path}: {error}") from error
     table.columns = [str(c).strip() for c in table.columns]
-    if "subject_id" not in table.columns:
-        raise ValueError(f"{what} {path} has no subject_id column (columns: {list(table.columns)})")
+    missing = [column for column in required if column not in table.columns]
+    if missing:
+        raise ValueError(f"{what} {path} has no {', '.join(missing)} column (columns: {list(table.columns)})")
     return table
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 __all__ = ["add_thalamus_parser"]
 
 
@@ -36,17 +34,6 @@ def _pairs(values, option: str) -> dict:
             raise ValueError(f"{option}: the name {name!r} is given twice")
         out[name] = path
     return out
-
-
-def _read_plain_table(path, what: str) -> pd.DataFrame:
-    """A CSV/TSV table without the cohort-table requirements (no subject_id column needed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return pd.read_csv(path, sep="\t" if path.suffix.lower() in (".tsv", ".txt") else ",", encoding="utf-8-sig")
-    except Exception as exc:  # pandas raises several parser error types
-        raise ValueError(f"could not read the {what} {path}: {exc}") from exc
 
 
 def _segmenter(args):
@@ -129,10 +116,11 @@ def cmd_import(args, reporter) -> int:
 
 
 def cmd_change(args, reporter) -> int:
+    from .cli import _read_table
     from .io import atomic_write
     from .thalamus_eval import annualized_change
 
-    table = _read_plain_table(args.table, "volume table")
+    table = _read_table(args.table, "volume table", required=())
     change = annualized_change(table, subject=args.subject_column, time=args.time_column,
                                volume=args.volume_column, method=args.method_column)
     with atomic_write(args.out) as tmp:
@@ -143,11 +131,11 @@ def cmd_change(args, reporter) -> int:
 
 
 def cmd_associate(args, reporter) -> int:
-    from .cli import _column_list
+    from .cli import _column_list, _read_table
     from .io import atomic_write
     from .thalamus_eval import clinical_association
 
-    table = _read_plain_table(args.table, "clinical table")
+    table = _read_table(args.table, "clinical table", required=())
     result = clinical_association(table, args.score, _column_list(args.volumes, "--volumes"),
                                   covariates=_column_list(args.covariates, "--covariates", allow_empty=True),
                                   outcome=args.outcome)

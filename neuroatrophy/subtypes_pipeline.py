@@ -14,11 +14,9 @@ The folder layout and file formats are documented in ``docs/subtypes.md``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .io import replace_folder
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SubtypesResult", "Associations", "fit_subtypes",
            "associate", "read_zscores", "normalise_z_levels", "normalise_z_max"]
@@ -267,7 +266,7 @@ class SubtypesResult:
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", suffix=".saving", dir=parent))
         try:
             self._write(staging)
-            _move_folder_into_place(staging, out_dir.resolve())
+            replace_folder(staging, out_dir.resolve())
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return out_dir
@@ -363,22 +362,6 @@ def _check_replaceable(out_dir: Path) -> None:
     if any(out_dir.iterdir()) and not (out_dir / SETTINGS_FILE).is_file():
         raise ValueError(f"output folder {out_dir} exists and is neither empty nor a subtypes result; "
                          "choose another folder")
-
-
-def _move_folder_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``, replacing an existing ``target`` (restored on failure)."""
-    backup = None
-    if target.exists():
-        backup = target.parent / f".{target.name}-previous-{uuid.uuid4().hex[:8]}"
-        os.replace(target, backup)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, target)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _figures(result, folder: Path) -> dict:

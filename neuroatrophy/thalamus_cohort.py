@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import safe_file_stem
+from .io import replace_folder, safe_file_stem
 from .thalamus_labels import thalamus_volumes
 
 __all__ = ["IMAGE_COLUMNS", "read_path_table", "segment_cohort", "OURS"]
@@ -145,16 +145,9 @@ def segment_cohort(table, out, segmenter, ensemble: str = "majority", progress=N
         if "time" in volumes.columns and volumes["subject"].duplicated().any():
             change = annualized_change(volumes.rename(columns={"both": "volume"}), method="method")
             change.to_csv(tmp / "change.csv", index=False)
-        if out.exists():
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     report(1.0, f"wrote {out}")
     return out
 

@@ -9,12 +9,12 @@ JSON and loads the tensors strictly, so a file that does not match its descripti
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .io import atomic_write
 
 __all__ = ["MODEL_FORMAT_VERSION", "DEFAULT_ARCHITECTURE", "ThalamusModel", "build_network", "load_model",
            "shipped_model_path"]
@@ -79,17 +79,9 @@ class ThalamusModel:
             "training": self.training,
         }
         weights, meta = base.with_suffix(".safetensors"), base.with_suffix(".json")
-        tmp_w = weights.with_name(f".{weights.name}.{uuid.uuid4().hex}.tmp")
-        tmp_m = meta.with_name(f".{meta.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            save_file(state, str(tmp_w), metadata={"format": "pt"})
-            tmp_m.write_text(json.dumps(metadata, indent=2) + "\n")
-            os.replace(tmp_w, weights)
-            os.replace(tmp_m, meta)
-        finally:
-            for tmp in (tmp_w, tmp_m):
-                if tmp.exists():
-                    tmp.unlink()
+        with atomic_write(meta) as tmp_meta, atomic_write(weights) as tmp_weights:
+            tmp_meta.write_text(json.dumps(metadata, indent=2) + "\n")
+            save_file(state, str(tmp_weights), metadata={"format": "pt"})
         return weights
 
 

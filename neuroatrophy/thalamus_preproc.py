@@ -16,14 +16,13 @@ World coordinates here are RAS (nibabel's); SimpleITK's LPS is converted at its 
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from .io import package_data
 from .thalamus_image import voxel_sizes
 from .thalamus_synth import THALAMUS_BOX, box_affine, normalize_intensity
 
@@ -52,11 +51,8 @@ def template_image() -> nib.Nifti1Image:
     Read from the nilearn wheel's data file with nibabel (importing ``nilearn.datasets`` costs
     seconds) and block-averaged from 1 mm to 2 mm.
     """
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("nilearn (which ships the MNI152 template) is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / _TEMPLATE_FILE
-    img = nib.load(str(path))
+    img = nib.load(str(package_data("nilearn", "datasets", "data", _TEMPLATE_FILE,
+                                    needed_for="the registration template")))
     data = np.asarray(img.dataobj, dtype=np.float32)
     shape = (np.asarray(data.shape) // 2) * 2
     data = data[: shape[0], : shape[1], : shape[2]]

