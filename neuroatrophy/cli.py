@@ -809,6 +809,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_thalamus_parser(sub, common)
 
+    from .cli_progression import add_progression_parser
+
+    add_progression_parser(sub, common)
+
     p = common(sub.add_parser("demo", help="run the demo on a synthetic cohort built from fsaverage5"), cohort=False)
     p.add_argument("--out", default="demo-output")
     p.add_argument("--n-controls", type=int, default=600)
