@@ -37,10 +37,10 @@ echo "==> installing neuroatrophy and its dependencies"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # slicer-core gives the real MRML scene without Qt: the demo writes a Slicer scene with it.
 "$VENV/bin/python" -m pip install --quiet -e ".[test]"
-# leaspy 2.1 (disease-course model) and deepbet 1.0 (skull stripping, weights in the wheel) pin old
-# torch/numpy or a GUI toolkit they do not need here: install them without their pins (their real
+# leaspy 2.1 (disease-course model; it imports lifelines) and deepbet 1.0 (skull stripping, weights in the
+# wheel) pin old torch/numpy/pandas or a GUI toolkit they do not need here: install them without their pins (their real
 # runtime dependencies are in pyproject.toml).
-"$VENV/bin/python" -m pip install --quiet --no-deps "leaspy==2.1.0" "deepbet==1.0.2"
+"$VENV/bin/python" -m pip install --quiet --no-deps "leaspy==2.1.0" "lifelines==0.30.3" "deepbet==1.0.2"
 
 if [ "$command" = demo ]; then
   out="${2:-demo-output}"

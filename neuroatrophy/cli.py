@@ -185,7 +185,8 @@ def cmd_demo(args, reporter) -> int:
     # (Colin27 and a synthetic cohort, out/thalamus/) take the last part of the progress bar.
     subtypes_share = 0.0 if args.skip_subtypes else 0.15
     thalamus_share = 0.0 if args.skip_thalamus else 0.2
-    first = 1.0 - subtypes_share - thalamus_share
+    progression_share = 0.0 if args.skip_progression else 0.1
+    first = 1.0 - subtypes_share - thalamus_share - progression_share
     result = run_demo(args.out, n_controls=args.n_controls, n_patients=args.n_patients, seed=args.seed,
                       progress=scaled_progress(reporter.progress, 0.0, first))
     if not args.skip_subtypes:
@@ -198,8 +199,15 @@ def cmd_demo(args, reporter) -> int:
     if not args.skip_thalamus:
         from .demo_thalamus import run_thalamus_demo
 
+        start = first + subtypes_share
         result["thalamus"] = run_thalamus_demo(Path(args.out) / "thalamus", seed=args.seed,
-                                               progress=scaled_progress(reporter.progress, 1.0 - thalamus_share, 1.0))
+                                               progress=scaled_progress(reporter.progress, start, start + thalamus_share))
+    if not args.skip_progression:
+        from .demo_progression import run_progression_demo
+
+        result["progression"] = run_progression_demo(
+            Path(args.out) / "progression", seed=args.seed,
+            progress=scaled_progress(reporter.progress, 1.0 - progression_share, 1.0))
     reporter.info(json.dumps(_jsonable(result), indent=2))
     return 0
 
@@ -820,6 +828,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-subtypes", action="store_true",
                    help="leave out the subtypes (SuStaIn) step on its own synthetic cohort (out/subtypes/)")
+    p.add_argument("--skip-progression", action="store_true",
+                   help="leave out the brain-progression step (Colin27 preprocessing, disease-course model, "
+                        "forecast workflow; out/progression/)")
     p.add_argument("--skip-thalamus", action="store_true",
                    help="leave out the thalamus segmentation step (Colin27 and a synthetic cohort, out/thalamus/)")
     p.set_defaults(func=cmd_demo)

@@ -7,13 +7,13 @@
    from a known leaspy logistic model (CN and AD groups); leaspy 2.1 fitted on it and the
    regression fallback fitted too; both predict held-out subjects' volumes 2 and 4 years ahead,
    compared with the truth and with a no-change forecast.
-3. **Forecast**: the toy BrLP model (BrLP's structure at 24 x 32 x 24 voxels, trained for minutes
-   on synthetic heads whose ventricles grow with age) forecasts a held-out synthetic subject at
-   three ages with LAS (m = 4); the forecasts are compared with the subject's true future images,
-   the uncertainty is reported per age, and the forecast folder is written as the CLI writes it.
+3. **The forecast workflow**: the preprocessed Colin27 through the whole forecasting pipeline
+   (disease-course volumes, LAS with m = 3 at three target ages, uncertainty, native-space maps,
+   the output folder the CLI writes) with BrLP's structure at toy size and **random weights**: the
+   images show the outputs' format and geometry, not a forecast.
 
-Everything but the Colin27 scan is synthetic; the toy model's forecasts show the workflow, not
-real anatomy (BrLP's weights cannot be redistributed; see docs/progression.md).
+Everything but the Colin27 scan is synthetic. A real forecast needs BrLP's published weights, which
+cannot be redistributed (see docs/progression.md).
 """
 
 from __future__ import annotations
@@ -124,6 +124,30 @@ def run_progression_demo(out_dir, seed: int = 0, progress=None) -> dict:
     return summary
 
 
-def forecast_step(out: Path, seed: int, report) -> dict:
-    """The toy model's forecast of a held-out synthetic subject, against its true future images."""
-    raise NotImplementedError
+def forecast_step(out: Path, seed: int, report, dcm=None) -> dict:
+    """The forecasting workflow on the preprocessed Colin27 with random toy-size networks."""
+    import torch
+
+    from .progression_config import tiny_config
+    from .progression_dcm import DiseaseCourseModel
+    from .progression_nets import BrLPNetworks
+    from .progression_predict import BrainForecaster, Subject
+    from .progression_preproc import PreprocessedT1
+
+    torch.manual_seed(seed)
+    networks = BrLPNetworks.from_config(tiny_config(), load_weights=False)
+    with torch.no_grad():  # MONAI zero-initialises output layers: give every weight a random value
+        for module in (networks.autoencoder, networks.unet, networks.controlnet):
+            for p in module.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    pre = PreprocessedT1.load(out / "colin27_preprocessed")
+    volumes = json.loads((out / "colin27_volumes.json").read_text())
+    # Illustrative covariates (Colin27 was scanned in his thirties; these are not his).
+    subject = Subject(age=70.0, sex="M", diagnosis="CN", volumes=volumes, subject_id="colin27")
+    forecaster = BrainForecaster(networks, dcm=DiseaseCourseModel.load(out / "dcm"), m=3, ddim_steps=10, seed=seed)
+    result = forecaster.predict(pre, subject, [72.0, 75.0, 80.0], progress=report)
+    result.settings["note"] = "random toy-size weights: the outputs' format, not a forecast"
+    result.save(out / "forecast_workflow")
+    report(1.0, f"forecast workflow written to {out / 'forecast_workflow'} (random weights)")
+    return {"target_ages": result.target_ages.tolist(), "volumes": result.volumes.to_dict(orient="list"),
+            "folder": str(out / "forecast_workflow")}
