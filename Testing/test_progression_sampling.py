@@ -6,7 +6,11 @@ import torch
 
 from neuroatrophy.parallel import Cancelled
 from neuroatrophy.progression_config import tiny_config
-from neuroatrophy.progression_nets import build_autoencoder, build_controlnet, build_unet
+from neuroatrophy.progression_nets import (
+    build_autoencoder,
+    build_controlnet,
+    build_unet,
+)
 from neuroatrophy.progression_sampling import (
     brlp_timesteps,
     crop_latent,
@@ -102,7 +106,7 @@ def test_las_loop_equals_the_ddim_equations_with_brlps_condition(nets):
     for age_index in range(2):
         ctx = torch.as_tensor(contexts[age_index]).expand(m, 1, 8)
 
-        def eps_fn(z, t):
+        def eps_fn(z, t, ctx=ctx):
             ts = torch.full((m,), t, dtype=torch.long)
             with torch.no_grad():
                 down, mid = controlnet(x=z, timesteps=ts, context=ctx, controlnet_cond=cond.expand(m, -1, -1, -1, -1))

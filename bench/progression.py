@@ -101,7 +101,11 @@ def build(args):
     import torch
 
     from neuroatrophy.progression_config import brlp_config, tiny_config
-    from neuroatrophy.progression_nets import build_autoencoder, build_controlnet, build_unet
+    from neuroatrophy.progression_nets import (
+        build_autoencoder,
+        build_controlnet,
+        build_unet,
+    )
 
     cfg = tiny_config() if args.quick else brlp_config()
     torch.manual_seed(SEED)
@@ -135,7 +139,11 @@ def amp_dtype(name):
 def worker_ours(args) -> dict:
     import torch
 
-    from neuroatrophy.progression_sampling import decode_las, sample_latents, use_channels_last
+    from neuroatrophy.progression_sampling import (
+        decode_las,
+        sample_latents,
+        use_channels_last,
+    )
 
     cfg, (ae, unet, cnet), image, device = build(args)
     if args.channels_last:
@@ -162,7 +170,11 @@ def worker_anchor(args) -> dict:
 
     import torch
 
-    from neuroatrophy.progression_sampling import crop_latent, make_scheduler, pad_latent
+    from neuroatrophy.progression_sampling import (
+        crop_latent,
+        make_scheduler,
+        pad_latent,
+    )
 
     cfg, (ae, unet, cnet), image, device = build(args)
     m, shape_dm = args.m, cfg.latent_shape_dm
