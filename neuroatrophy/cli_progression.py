@@ -72,7 +72,7 @@ def _visits(path):
     return _read_table(path, "visits table", required=("age", *REGIONS))
 
 
-def _course_models(cfg, device_note=None):
+def _course_models(cfg):
     """The disease-course model(s) the configuration names: BrLP's 1.x JSONs or our fitted folder."""
     from .progression_dcm import DiseaseCourseModel, RegressionCourse, load_brlp_dcms
 
@@ -194,8 +194,12 @@ def cmd_evaluate(args, reporter) -> int:
                                 predicted_volumes=predicted_volumes, followup_volumes=followup_volumes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from .cli import _jsonable
+
+    if isinstance(metrics.get("volume_errors"), pd.DataFrame):
+        metrics["volume_errors"] = metrics["volume_errors"].to_dict(orient="records")
     with atomic_write(out / "evaluation.json") as tmp:
-        Path(tmp).write_text(json.dumps(_plain(metrics), indent=2) + "\n")
+        Path(tmp).write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
     for name in ("ssim", "mse"):
         if name in metrics:
             reporter.info(f"{name.upper()} {metrics[name]:.4f}")
@@ -219,18 +223,6 @@ def _on_grid(image, affine, target) -> np.ndarray:
     index = np.linalg.inv(affine) @ target.affine
     return ndimage.affine_transform(np.asarray(image, np.float32), index[:3, :3], index[:3, 3],
                                     output_shape=target.shape, order=1).astype(np.float32)
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, pd.DataFrame):
-        return value.to_dict(orient="records")
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return value
 
 
 # --- parser ----------------------------------------------------------------------------------

@@ -1278,6 +1278,31 @@ def points_from_markups(node):
     return points, [node.GetNthControlPointLabel(i) for i in range(n_points)]
 
 
+def remove_shown_nodes(scene, nodes) -> None:
+    """Remove what a module showed (a dict of nodes or lists of nodes, or a list of nodes).
+
+    Sequence browsers take their proxy nodes with them, plot charts their series and the
+    series' tables; colour tables stay (they are shared). Missing nodes are skipped.
+    """
+    _check_scene(scene)
+    if isinstance(nodes, dict):
+        nodes = [n for value in nodes.values() for n in (value if isinstance(value, list) else [value])]
+    expanded = []
+    for node in nodes:
+        if node is None or isinstance(node, str) or not scene.IsNodePresent(node):
+            continue
+        if node.IsA("vtkMRMLSequenceBrowserNode"):
+            collection = _mrml()[1].vtkCollection()
+            node.GetAllProxyNodes(collection)
+            expanded += [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+        if node.IsA("vtkMRMLPlotChartNode"):
+            for index in range(node.GetNumberOfPlotSeriesNodes()):
+                series = node.GetNthPlotSeriesNode(index)
+                expanded += [series, series.GetTableNode() if series is not None else None]
+        expanded.append(node)
+    remove_nodes(scene, expanded)
+
+
 def remove_nodes(scene, nodes):
     """Remove nodes from a scene together with their display and storage nodes.
 

@@ -383,20 +383,4 @@ def remove_subtype_nodes(scene, nodes) -> None:
     Sequence browsers take their proxy volumes with them, charts their series and
     tables; colour tables stay (they are shared).
     """
-    mrml._check_scene(scene)
-    if isinstance(nodes, dict):
-        nodes = [n for value in nodes.values() for n in (value if isinstance(value, list) else [value])]
-    expanded = []
-    for node in nodes:
-        if node is None or isinstance(node, str) or not scene.IsNodePresent(node):
-            continue
-        if node.IsA("vtkMRMLSequenceBrowserNode"):
-            collection = mrml._mrml()[1].vtkCollection()
-            node.GetAllProxyNodes(collection)
-            expanded += [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
-        if node.IsA("vtkMRMLPlotChartNode"):
-            for index in range(node.GetNumberOfPlotSeriesNodes()):
-                series = node.GetNthPlotSeriesNode(index)
-                expanded += [series, series.GetTableNode() if series is not None else None]
-        expanded.append(node)
-    mrml.remove_nodes(scene, expanded)
+    mrml.remove_shown_nodes(scene, nodes)
